@@ -1,0 +1,24 @@
+"""kl_monitor: forward and reverse KL diagnostics for PyTorch Lightning.
+
+Forward KL D(P‖Q) (reference P, model Q) is large when the model misses mass the
+reference has: a coverage gap. Reverse KL D(Q‖P) is large when the model puts mass
+where the reference has none, and stays small when the model drops modes. Always
+look at both.
+"""
+
+from .estimators import CategoricalKL, categorical_kl, categorical_kl_rows, iw_reverse_kl, mc_kl
+from .stats import IWEstimate, KLEstimate, KLStats, pareto_tail_index
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CategoricalKL",
+    "IWEstimate",
+    "KLEstimate",
+    "KLStats",
+    "categorical_kl",
+    "categorical_kl_rows",
+    "iw_reverse_kl",
+    "mc_kl",
+    "pareto_tail_index",
+]
