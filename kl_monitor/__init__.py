@@ -6,16 +6,38 @@ where the reference has none, and stays small when the model drops modes. Always
 look at both.
 """
 
-from .estimators import CategoricalKL, categorical_kl, categorical_kl_rows, iw_reverse_kl, mc_kl
+from .callback import KLAlertWarning, KLMonitor, KLMonitorWarning
+from .detectors import Alert, AlertRules, CusumDetector, Evaluation
+from .estimators import (
+    CategoricalKLResult,
+    categorical_kl,
+    categorical_kl_rows,
+    iw_reverse_kl,
+    mc_kl,
+)
+from .inputs import KLInputs
+from .metrics import CategoricalKL, KLResult, MonteCarloKL, SampledKL
 from .stats import IWEstimate, KLEstimate, KLStats, pareto_tail_index
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertRules",
     "CategoricalKL",
+    "CategoricalKLResult",
+    "CusumDetector",
+    "Evaluation",
     "IWEstimate",
+    "KLAlertWarning",
     "KLEstimate",
+    "KLInputs",
+    "KLMonitor",
+    "KLMonitorWarning",
+    "KLResult",
     "KLStats",
+    "MonteCarloKL",
+    "SampledKL",
     "categorical_kl",
     "categorical_kl_rows",
     "iw_reverse_kl",

@@ -17,7 +17,7 @@ import torch
 from ._utils import check_floating, check_nonfinite_mode, compute_dtype, warn_once
 from .stats import IWEstimate, KLEstimate, KLStats
 
-__all__ = ["mc_kl", "iw_reverse_kl", "categorical_kl", "categorical_kl_rows", "CategoricalKL"]
+__all__ = ["mc_kl", "iw_reverse_kl", "categorical_kl", "categorical_kl_rows", "CategoricalKLResult"]
 
 
 def mc_kl(
@@ -116,7 +116,7 @@ def iw_reverse_kl(
 
 
 @dataclass(frozen=True)
-class CategoricalKL:
+class CategoricalKLResult:
     """Exact categorical KL in both directions.
 
     Attributes:
@@ -197,7 +197,7 @@ def categorical_kl(
     *,
     nonfinite: str = "skip",
     chunk_rows: int | None = None,
-) -> CategoricalKL:
+) -> CategoricalKLResult:
     r"""Exact D(P‖Q) and D(Q‖P) between categoricals given by logits, in one pass.
 
     Over the last dimension (K classes), with p = softmax(logits_p), q = softmax(logits_q):
@@ -222,7 +222,7 @@ def categorical_kl(
         chunk_rows: rows per chunk (default: about 2^18 elements per chunk).
 
     Returns:
-        :class:`CategoricalKL` with ``forward``, ``reverse``, per-row entropies
+        :class:`CategoricalKLResult` with ``forward``, ``reverse``, per-row entropies
         ``entropy_reference`` (H(P)) and ``entropy_model`` (H(Q)), and counters.
 
     Raises:
@@ -251,7 +251,9 @@ def categorical_kl(
             f"last, got {tuple(logits_p.shape)} and {tuple(logits_q.shape)}."
         )
     if logits_p.numel() == 0:
-        raise ValueError(f"logits are empty (shape {tuple(logits_p.shape)}); expected rows × K > 0.")
+        raise ValueError(
+            f"logits are empty (shape {tuple(logits_p.shape)}); expected rows × K > 0."
+        )
     if reduction == "sum" and logits_p.dim() < 3:
         raise ValueError(
             "reduction='sum' sums over the sequence axis and needs logits of shape "
@@ -270,7 +272,8 @@ def categorical_kl(
             )
     fwd, rev, hp, hq, valid = categorical_kl_rows(logits_p, logits_q, chunk_rows=chunk_rows)
     keep = valid if mask is None else valid & mask.to(valid.device)
-    counted = valid if mask is None else mask.to(valid.device)
+    # every unmasked row counts: a non-finite row without a mask must still be reported
+    counted = torch.ones_like(valid) if mask is None else mask.to(valid.device)
     n_bad = int((counted & ~valid).sum())
     if n_bad:
         if nonfinite == "raise":
@@ -295,7 +298,7 @@ def categorical_kl(
         fwd_r, rev_r = fwd.sum(-1), rev.sum(-1)
     else:
         fwd_r, rev_r = fwd, rev
-    return CategoricalKL(
+    return CategoricalKLResult(
         forward=fwd_r, reverse=rev_r, entropy_reference=hp, entropy_model=hq,
         support_violations=violations, n=n, nonfinite=n_bad, reduction=reduction,
     )

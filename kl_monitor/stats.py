@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._utils import check_floating, check_nonfinite_mode, check_same_shape, warn_once
@@ -46,6 +47,12 @@ HEAVY_TAIL_THRESHOLD = 0.5
 #: error ≈ (1 + k̂)/√M (about 0.13 at n = 1000), and using the control variate on a
 #: missed heavy tail costs far more than a missed variance reduction.
 TAIL_Z = 1.5
+#: ``cv`` falls back to naive when the sample mean of u = w − 1 is more than this
+#: many standard errors from 0. E_A[w] = 1 is what makes u a zero-mean control
+#: variate; it fails in practice when B has mass that samples of A never reach
+#: (reverse KL of a model that dropped modes: mean(w) is the fraction of B's mass
+#: A covers), and then any c ≠ 0 biases the estimate by c·mean(u).
+CV_MEAN_Z = 4.0
 METHODS = ("naive", "k3", "cv")
 
 # splitmix64 finaliser constants, as signed int64.
@@ -119,23 +126,24 @@ class IWEstimate:
         return self.value
 
 
-def _gpd_shape(x: torch.Tensor) -> float:
+def _gpd_shape(x: np.ndarray) -> float:
     """Generalised Pareto shape by Zhang & Stephens (2009), with PSIS's weak prior.
 
-    ``x`` holds positive exceedances, sorted ascending, float64.
+    ``x`` holds positive exceedances, sorted ascending, float64. NumPy, not torch:
+    these few hundred numbers live on the host, and torch's intra-op threads make
+    such tiny ops hundreds of times slower on a loaded CPU.
     """
-    n = x.numel()
+    n = x.size
     prior = 3.0
     m = 30 + int(math.sqrt(n))
-    j = torch.arange(1, m + 1, dtype=torch.float64)
-    bs = 1.0 - torch.sqrt(m / (j - 0.5))
+    bs = 1.0 - np.sqrt(m / (np.arange(1, m + 1, dtype=np.float64) - 0.5))
     bs = bs / (prior * x[int(n / 4 + 0.5) - 1]) + 1.0 / x[-1]
-    ks = torch.log1p(-bs[:, None] * x).mean(dim=1)
-    profile = n * (torch.log(-bs / ks) - ks - 1.0)
-    weights = 1.0 / torch.exp(profile[None, :] - profile[:, None]).sum(dim=1)
-    b = (bs * weights).sum()
-    k = torch.log1p(-b * x).mean()
-    return float((k * n + prior * 0.5) / (n + prior))
+    ks = np.log1p(-bs[:, None] * x).mean(axis=1)
+    profile = n * (np.log(-bs / ks) - ks - 1.0)
+    weights = 1.0 / np.exp(profile[None, :] - profile[:, None]).sum(axis=1)
+    b = float((bs * weights).sum())
+    k = float(np.log1p(-b * x).mean())
+    return (k * n + prior * 0.5) / (n + prior)
 
 
 def pareto_tail_index(top_log_w: torch.Tensor, n: int) -> float:
@@ -160,17 +168,18 @@ def pareto_tail_index(top_log_w: torch.Tensor, n: int) -> float:
         >>> pareto_tail_index(heavy, 4000) > 0.5, pareto_tail_index(light, 4000) < 0.5
         (True, True)
     """
-    top = top_log_w.detach().to("cpu", torch.float64)
-    top = top[torch.isfinite(top)]
-    m = min(_tail_count(n), top.numel() - 1)
+    top = top_log_w.detach().to("cpu", torch.float64).numpy()
+    top = top[np.isfinite(top)]
+    m = min(_tail_count(n), top.size - 1)
     if n < 20 or m < 5:
         return float("nan")
-    top = torch.sort(top, descending=True).values[: m + 1]
-    cut = top[m]
-    exceed = torch.flip(torch.expm1(top[:m] - cut), dims=(0,))
-    if not bool(exceed[-1] > 0):
+    top = np.sort(top)[::-1][: m + 1]
+    exceed = np.expm1(top[:m] - top[m])[::-1]
+    # All top weights equal up to rounding (e.g. w = q/p constant on a kept mode): there
+    # is no tail to fit, and a GPD fitted to rounding noise returns nonsense (k̂ ≈ 300).
+    if not exceed[-1] > 1e-9:
         return float("nan")
-    exceed = exceed.clamp_min(1e-300)
+    exceed = np.maximum(exceed, 1e-300)
     return _gpd_shape(exceed)
 
 
@@ -351,7 +360,10 @@ class KLStats:
           (fitted on one fold, applied to the other), and the method falls back to
           ``naive`` unless the weights' tail index k̂ is confidently below 0.5
           (:func:`tail_may_be_heavy`): above it Var(w) is infinite and any w-based
-          interval is meaningless.
+          interval is meaningless. It also falls back when mean(w − 1) is more than
+          ``CV_MEAN_Z`` standard errors from 0: E_A[w] = 1 fails in practice when B has
+          mass the samples of A never reach (reverse KL after mode dropping), and the
+          control variate would then bias the estimate.
 
         Args:
             method: ``"naive"``, ``"k3"`` or ``"cv"``.
@@ -389,7 +401,10 @@ class KLStats:
                 method_used=method, **common,
             )
         var_naive = _residual_var(total, 0.0)
-        if method == "naive" or (method == "cv" and c is None and tail_may_be_heavy(tail, n)):
+        fallback = method == "cv" and c is None and (
+            tail_may_be_heavy(tail, n) or not _control_mean_plausible(total)
+        )
+        if method == "naive" or fallback:
             used, c_used, mean, var = "naive", 0.0, float(total[L]) / n, var_naive
         elif method == "k3":
             used, c_used = "k3", -1.0
@@ -407,7 +422,9 @@ class KLStats:
             var = max(s2 - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.inf
             c_used = (sums[0, N].item() * c_fold[0] + sums[1, N].item() * c_fold[1]) / n
         stderr = math.sqrt(var / n) if n > 1 else math.inf
-        if var > 0:
+        if n < 2:
+            reduction = 1.0  # both variances are undefined (inf / inf)
+        elif var > 0:
             reduction = var_naive / var
         else:
             reduction = math.inf if var_naive > 0 else 1.0
@@ -461,9 +478,23 @@ def _central(t: torch.Tensor) -> tuple[float, float, float, float]:
 
 def _regression_c(t: torch.Tensor) -> float:
     sll, suu, slu, n = _central(t)
-    if n < 3 or suu <= 0:
+    # suu is Σu² − (Σu)²/n: below ~1e-9 of Σu² it is rounding noise of a constant u
+    # (Var(u) = 0, c undefined), and slu/suu would be an arbitrary number.
+    if n < 3 or suu <= _CANCELLATION * float(t[UU]):
         return 0.0
     return slu / suu
+
+
+_CANCELLATION = 1e-9
+
+
+def _control_mean_plausible(t: torch.Tensor) -> bool:
+    """Is mean(u) within CV_MEAN_Z standard errors of 0, as E_A[w] = 1 requires?"""
+    _, suu, _, n = _central(t)
+    if n < 2:
+        return True
+    mean_u = float(t[U]) / n
+    return abs(mean_u) <= CV_MEAN_Z * math.sqrt(suu / (n - 1) / n)
 
 
 def _residual_mean(t: torch.Tensor, c: float) -> float:

@@ -1,0 +1,1 @@
+"""Demo: forward-KL vs reverse-KL training of a Gaussian mixture, watched by KLMonitor."""

@@ -1,0 +1,112 @@
+"""`KLInputs`: what a model hands the monitor for one held-out batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._utils import check_floating, check_same_shape
+
+__all__ = ["KLInputs"]
+
+
+@dataclass(frozen=True)
+class KLInputs:
+    """The contract between a user's model and :class:`~kl_monitor.KLMonitor`.
+
+    Build it with one of the two constructors, from a ``kl_inputs(self, batch)``
+    method on the LightningModule (or an ``inputs_fn(module, batch)`` given to the
+    monitor). Everything is read under ``torch.no_grad()`` and never back-propagated.
+
+    - :meth:`from_logits`: exact categorical KL in both directions (preferred).
+    - :meth:`from_log_probs`: Monte Carlo forward KL from reference samples, reverse
+      KL from model samples or, without them, by importance weighting.
+
+    Example:
+        >>> import torch
+        >>> ref, model = torch.randn(4, 10), torch.randn(4, 10)
+        >>> KLInputs.from_logits(ref, model).kind
+        'logits'
+    """
+
+    kind: str
+    reference: torch.Tensor
+    model: torch.Tensor
+    mask: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    model_samples_log_q: torch.Tensor | None = None
+    model_samples_log_p: torch.Tensor | None = None
+    model_samples_groups: torch.Tensor | None = None
+
+    @classmethod
+    def from_logits(
+        cls,
+        reference_logits: torch.Tensor,
+        model_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+    ) -> KLInputs:
+        """Logits of the reference P and the model Q over the same K classes.
+
+        Args:
+            reference_logits: ``(..., K)`` logits of P (a teacher, a reference policy,
+                the data's known class probabilities in log space).
+            model_logits: ``(..., K)`` logits of Q, same shape.
+            mask: optional bool ``(...)``; False rows (padding) are ignored.
+            groups: optional integer label per row ``(...)`` (class, prompt type), for
+                per-group KL and coverage-gap alerts.
+        """
+        check_floating("reference_logits", reference_logits)
+        check_floating("model_logits", model_logits)
+        check_same_shape("reference_logits", reference_logits, "model_logits", model_logits)
+        return cls("logits", reference_logits, model_logits, mask=mask, groups=groups)
+
+    @classmethod
+    def from_log_probs(
+        cls,
+        reference_log_p: torch.Tensor,
+        model_log_q: torch.Tensor,
+        *,
+        model_samples_log_q: torch.Tensor | None = None,
+        model_samples_log_p: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+        model_samples_groups: torch.Tensor | None = None,
+    ) -> KLInputs:
+        """Log-densities at samples, for forward KL and (optionally) reverse KL.
+
+        Args:
+            reference_log_p: log p(x) at held-out samples x ~ P.
+            model_log_q: log q(x) at the same samples.
+            model_samples_log_q: log q(y) at the model's own samples y ~ Q.
+            model_samples_log_p: log p(y) at the same model samples. Give both or
+                neither; without them reverse KL is importance-weighted from x ~ P.
+            groups: optional integer label per reference sample (e.g. mixture mode).
+            model_samples_groups: optional label per model sample (e.g. nearest mode).
+        """
+        check_floating("reference_log_p", reference_log_p)
+        check_floating("model_log_q", model_log_q)
+        check_same_shape("reference_log_p", reference_log_p, "model_log_q", model_log_q)
+        if (model_samples_log_q is None) != (model_samples_log_p is None):
+            raise ValueError(
+                "give both `model_samples_log_q` and `model_samples_log_p` (log q and log p "
+                "at samples of the model), or neither."
+            )
+        if model_samples_log_q is not None:
+            check_floating("model_samples_log_q", model_samples_log_q)
+            check_floating("model_samples_log_p", model_samples_log_p)
+            check_same_shape(
+                "model_samples_log_q",
+                model_samples_log_q,
+                "model_samples_log_p",
+                model_samples_log_p,
+            )
+        return cls(
+            "log_probs",
+            reference_log_p,
+            model_log_q,
+            groups=groups,
+            model_samples_log_q=model_samples_log_q,
+            model_samples_log_p=model_samples_log_p,
+            model_samples_groups=model_samples_groups,
+        )
