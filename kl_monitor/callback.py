@@ -258,7 +258,9 @@ class _KLMonitorLogic:
         if self.dataloader is not None:
             return self.dataloader
         if self._loader is None:
-            source = trainer._data_connector._val_dataloader_source
+            # The raw validation source (module hook, datamodule or the loader given to
+            # fit), before Lightning adds a DistributedSampler: we shard it ourselves.
+            source = trainer.fit_loop.epoch_loop.val_loop._data_source
             loader = source.dataloader() if source.is_defined() else None
             if isinstance(loader, (list, tuple)):
                 loader = loader[0] if loader else None
