@@ -402,9 +402,9 @@ def _groups(result: dict[str, float], key: str) -> dict[int, float]:
 def _evaluation(step: int, result: dict[str, float]) -> Evaluation:
     """The detectors' view of a metric result (categorical or sampled)."""
     group_forward = _groups(result, "forward")
-    if "n/group_" in "".join(result):  # categorical: rows per group
-        count = _groups(result, "n")
-    else:  # sampled: the model's share of mass per group (0 where it has none)
+    count = _groups(result, "n")  # categorical: rows per group
+    if not count:
+        # sampled: the model's share of mass per group (0 where it has none)
         mass = _groups(result, "reverse_mass")
         count = {g: mass.get(g, 0.0) for g in group_forward}
     return Evaluation(

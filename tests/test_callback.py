@@ -165,6 +165,10 @@ def test_scripted_collapse_alert_names_dropped_groups():
     delay = first.step - onset  # every=1: one evaluation per step
     assert 0 <= delay < 5, f"alert {delay} evaluations after onset"
     assert first.groups and set(first.groups) <= dropped
+    # the model's per-group mass reaches the detector: the dropped modes lose it
+    assert first.kind == "collapse"
+    assert set(first.details["groups_losing_mass"]) <= dropped
+    assert first.details["groups_losing_mass"]
 
 
 def test_healthy_runs_raise_no_alert():
