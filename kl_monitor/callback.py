@@ -178,7 +178,12 @@ class _KLMonitorLogic:
                 "held-out dataloader: they must return KLInputs for one batch."
             ) from err
         if trainer.is_global_zero and not self._layout_written:
-            self._layout_written = tb.write_layout(trainer.loggers, self.prefix)
+            unit = {"token_mean": "nats per token", "sequence_sum": "nats per sequence"}
+            self._layout_written = tb.write_layout(
+                trainer.loggers,
+                self.prefix,
+                unit[self.reduction] if self._kind == "logits" else "nats",
+            )
         if not resumed:
             self._finish_evaluation(trainer, pl_module, step=trainer.global_step, in_step=False)
         else:

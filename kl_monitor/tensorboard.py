@@ -38,17 +38,24 @@ def scalars(prefix: str, result: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalars layout: margin charts (value ± 2 stderr) and both directions."""
+def layout(prefix: str, unit: str = "nats") -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars layout: margin charts (value ± 2 stderr) and both directions.
+
+    ``unit`` goes into every chart title, so a per-token mean is never read as a
+    per-sequence sum.
+    """
     charts: dict[str, list[Any]] = {
-        f"{d} KL ± 2 stderr (nats)": [
+        f"{d} KL ± 2 stderr ({unit})": [
             "Margin",
             [f"{prefix}/{d}", f"{prefix}/{d}_lower", f"{prefix}/{d}_upper"],
         ]
         for d in DIRECTIONS
     }
-    charts["forward vs reverse (nats)"] = ["Multiline", [f"{prefix}/forward", f"{prefix}/reverse"]]
-    charts["asymmetry: forward − reverse (nats)"] = ["Multiline", [f"{prefix}/asymmetry"]]
+    charts[f"forward vs reverse ({unit})"] = [
+        "Multiline",
+        [f"{prefix}/forward", f"{prefix}/reverse"],
+    ]
+    charts[f"asymmetry: forward − reverse ({unit})"] = ["Multiline", [f"{prefix}/asymmetry"]]
     charts["per-group forward KL"] = ["Multiline", [rf"{prefix}/forward/group_\d+"]]
     charts["per-group mass"] = ["Multiline", [rf"{prefix}/(reverse_)?mass/group_\d+"]]
     charts["alerts"] = ["Multiline", [rf"{prefix}/alert/.*"]]
@@ -67,11 +74,11 @@ def _writers(loggers: Iterable[Any]) -> list[Any]:
     return writers
 
 
-def write_layout(loggers: Iterable[Any], prefix: str) -> bool:
+def write_layout(loggers: Iterable[Any], prefix: str, unit: str = "nats") -> bool:
     """Add the layout to every TensorBoard logger; True if there was one."""
     writers = _writers(loggers)
     for writer in writers:
-        writer.add_custom_scalars(layout(prefix))
+        writer.add_custom_scalars(layout(prefix, unit))
     return bool(writers)
 
 
