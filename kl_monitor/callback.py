@@ -1,7 +1,7 @@
 """`KLMonitor`: the Lightning callback.
 
-The logic lives in :class:`_KLMonitorLogic`, which imports no Lightning namespace.
-The public :class:`KLMonitor` derives from the ``Callback`` class of every installed
+The logic lives in ``_KLMonitorLogic``, which imports no Lightning namespace.
+The public ``KLMonitor`` derives from the ``Callback`` class of every installed
 namespace (``lightning.pytorch`` and ``pytorch_lightning``), so one class passes the
 ``isinstance`` check of either Trainer.
 """
@@ -79,7 +79,7 @@ def _is_oom(err: BaseException) -> bool:
 
 
 class _KLMonitorLogic:
-    """Namespace-free implementation of :class:`KLMonitor` (see its docstring)."""
+    """Namespace-free implementation of ``KLMonitor`` (see its docstring)."""
 
     def __init__(
         self,
@@ -240,11 +240,23 @@ class _KLMonitorLogic:
         if self._metric is not None:
             self._metric.reset()
         hint = ""
+        # A traceback holds the failed evaluation's frames and their tensors (a cycle
+        # through this frame): drop it, so they are freed now, not at the next gc run.
+        chained, seen = error, set()
+        while chained is not None and id(chained) not in seen:
+            seen.add(id(chained))
+            chained.__traceback__ = None
+            chained = chained.__cause__ or chained.__context__
         if error is not None and _is_oom(error):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            hint = f" Out of memory: try max_batches={max(1, self.max_batches // 2)}."
+            smaller = (
+                f"max_batches={self.max_batches // 2}"
+                if self.max_batches > 1
+                else "a smaller held-out batch size (max_batches is already 1)"
+            )
+            hint = f" Out of memory: try {smaller}."
         reason = f"{type(error).__name__}: {error}" if error is not None else "on another rank"
         if trainer.is_global_zero:
             warnings.warn(
@@ -258,6 +270,7 @@ class _KLMonitorLogic:
             logger.log_metrics(
                 {f"{self.prefix}/failures": float(self.failures)}, step=trainer.global_step
             )
+            logger.save()
 
     def _held_out(self, trainer: Any) -> Iterable:
         if self.dataloader is not None:
@@ -282,11 +295,11 @@ class _KLMonitorLogic:
         world, rank = trainer.world_size, trainer.global_rank
         taken = 0
         for index, batch in enumerate(self._held_out(trainer)):
-            if taken >= limit:
-                break
             if index % world == rank:
                 taken += 1
                 yield batch
+                if taken >= limit:  # stop before fetching a batch that would go unused
+                    break
 
     def _inputs(self, pl_module: Any, batch: Any) -> KLInputs:
         inputs = (
@@ -327,7 +340,9 @@ class _KLMonitorLogic:
             torch.no_grad(),
             _eval_mode(pl_module),
         ):
+            seen = 0
             for batch in self._batches(trainer, limit):
+                seen += 1
                 batch = pl_module.transfer_batch_to_device(batch, device, 0)
                 inputs = self._inputs(pl_module, batch)
                 metric = self._metric_for(inputs, device)
@@ -346,7 +361,7 @@ class _KLMonitorLogic:
                     )
                 if self.log_histograms and self._hist is None and trainer.is_global_zero:
                     self._hist = self._histogram_values(inputs)
-        if self._metric is None:
+        if self._metric is None or not seen:  # e.g. a one-shot iterator, exhausted
             raise ValueError("the held-out dataloader yielded no batch on this rank.")
 
     @staticmethod
@@ -362,9 +377,15 @@ class _KLMonitorLogic:
 
     def _finish_evaluation(
         self, trainer: Any, pl_module: Any, step: int, in_step: bool
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | None:
         """Sync and compute (a collective), run the detectors, log, act on alerts."""
-        result = {k: float(v) for k, v in self._metric.compute().items()}
+        try:
+            result = {k: float(v) for k, v in self._metric.compute().items()}
+        except ValueError as err:
+            # Nothing usable on any rank (every row NaN or masked). The synced state is
+            # the same on every rank, so all of them skip together.
+            self._skip(trainer, err)
+            return None
         self._metric.reset()
         self.n_evals += 1
         self.last_eval_step = step
@@ -377,6 +398,9 @@ class _KLMonitorLogic:
         self.last_result = scalars
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
+            # as Lightning does after its own log_metrics: a buffering logger (CSVLogger
+            # writes every 100 steps) would otherwise lose the series up to a crash
+            logger.save()
         if trainer.is_global_zero:
             tb.write_extras(trainer.loggers, self.prefix, step, self._hist, fired)
         if in_step and self.prog_bar:
@@ -458,7 +482,7 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
 
     With a TensorBoard logger it adds a custom-scalars layout (margin charts with
     ±2 stderr bands, forward and reverse on one chart), histograms of the per-sample
-    log ratio and the alert text. Alerts (see :class:`~kl_monitor.detectors.AlertRules`)
+    log ratio and the alert text. Alerts (see ``AlertRules``)
     warn on rank zero, go to ``on_alert(alert)`` on rank zero, and stop training
     when their kind is in ``stop_on`` (agreed across ranks).
 
@@ -473,15 +497,15 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
             ``"sequence_sum"``.
         num_groups: number of group labels when ``KLInputs`` carries ``groups``.
         prefix: tag prefix (default ``"kl"``).
-        rules: :class:`~kl_monitor.detectors.AlertRules` (thresholds); default rules
+        rules: ``AlertRules`` (thresholds); default rules
             when ``None``.
-        on_alert: called with each :class:`~kl_monitor.detectors.Alert`.
+        on_alert: called with each ``Alert``.
         stop_on: alert kinds that stop training, e.g. ``("collapse",)``.
         log_histograms: log per-sample log-ratio histograms to TensorBoard.
         prog_bar: show forward and reverse KL in the progress bar.
         seed: base seed of the monitor's own RNG.
 
-    Example:
+    Examples:
         >>> from kl_monitor import KLMonitor
         >>> monitor = KLMonitor(every_n_train_steps=100, max_batches=4, stop_on=("collapse",))
         >>> monitor.state_key

@@ -1,14 +1,14 @@
 """Change detection and alert rules for forward and reverse KL series.
 
 Pure Python (``math`` only): no torch, no Lightning, so every rule here can be unit
-tested on scripted numbers. The Lightning callback builds one :class:`Evaluation`
-per evaluation and passes it to :meth:`AlertRules.update`, which returns the
-:class:`Alert` objects to act on (warn, log, call the user hook, stop training).
+tested on scripted numbers. The Lightning callback builds one ``Evaluation``
+per evaluation and passes it to ``AlertRules.update``, which returns the
+``Alert`` objects to act on (warn, log, call the user hook, stop training).
 
 Training makes both KL directions fall, so nothing here thresholds raw values.
 Every series (global forward, global reverse, and each group's forward and reverse
 when group labels are given) feeds a one-sided upward CUSUM on its standardised
-rise above a baseline (:class:`CusumDetector`):
+rise above a baseline (``CusumDetector``):
 
     z_t = (x_t − b) / σ_t,     S_t = min(h, max(0, S_{t−1} + z_t − k))
 
@@ -93,7 +93,7 @@ coverage gaps the groups whose forward KL rose most (weighted by their baseline
 mass), for over-dispersion those whose reverse KL rose most; ``()`` without
 groups.
 
-Example:
+Examples:
     >>> rules = AlertRules(warmup=3)
     >>> def ev(step, fwd, rev):
     ...     return Evaluation(step, fwd, 0.01, rev, 0.01)
@@ -193,7 +193,7 @@ class Alert:
         details: the numbers behind it (levels, baselines, rises, z, per-group
             rises, shares and mass ratios, which series were significant).
 
-    Example:
+    Examples:
         >>> a = Alert("coverage_gap", 10, 7.5, (3,), "coverage gap at step 10", {})
         >>> a.to_dict()["groups"]
         [3]
@@ -230,14 +230,17 @@ class Evaluation:
 
     Attributes:
         step: training step at which it was taken.
-        forward, forward_stderr: D(P‖Q) and its standard error (``+inf`` forward
-            means a support violation).
-        reverse, reverse_stderr: D(Q‖P) and its standard error.
-        entropy_model, entropy_reference: H(Q) and H(P) in nats.
-        group_forward, group_reverse: per-group forward and reverse KL.
+        forward: D(P‖Q) (``+inf`` means a support violation).
+        forward_stderr: its standard error.
+        reverse: D(Q‖P).
+        reverse_stderr: its standard error.
+        entropy_model: H(Q) in nats.
+        entropy_reference: H(P) in nats.
+        group_forward: per-group forward KL.
+        group_reverse: per-group reverse KL.
         group_count: rows (mass) per group.
 
-    Example:
+    Examples:
         >>> Evaluation(step=100, forward=0.2, forward_stderr=0.01,
         ...            reverse=0.1, reverse_stderr=0.01).forward
         0.2
@@ -282,12 +285,13 @@ class CusumDetector:
             baseline).
         baseline: the current baseline b (None during the warm-up).
         noise: the learned evaluation-to-evaluation noise τ (None during warm-up).
-        last_z, last_effect, last_raw: standardised rise, rise in units and
-            uncapped statistic of the latest update (None when it was skipped).
+        last_z: standardised rise of the latest update (None when it was skipped).
+        last_effect: rise in the series' units of the latest update (None when skipped).
+        last_raw: uncapped statistic of the latest update (None when skipped).
         significant: whether the latest update was a significant rise (uncapped
             statistic ≥ h and rise ≥ min_effect), fired or not.
 
-    Example:
+    Examples:
         >>> det = CusumDetector(k=0.5, h=5.0, warmup=5, min_effect=0.05)
         >>> for v in [1.0, 0.8, 0.6, 0.5, 0.45, 0.42, 0.41, 0.40]:  # falling: quiet
         ...     assert det.update(v, 0.02) is None
@@ -372,7 +376,7 @@ class CusumDetector:
         return d
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the configuration is restored too."""
+        """Restore from ``state_dict``; the configuration is restored too."""
         if d.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"unsupported CusumDetector state version {d.get('version')!r}, "
@@ -562,9 +566,11 @@ class AlertRules:
     """The alert engine the callback calls once per evaluation.
 
     Args:
-        k, h, warmup, min_effect: CUSUM settings shared by every series (see
-            :class:`CusumDetector`). Per-group detectors use h + ln(K)/(2k) for K
-            groups (k below 0.25 counts as 0.25 there).
+        k: CUSUM allowance shared by every series (see ``CusumDetector``).
+        h: CUSUM threshold. Per-group detectors use h + ln(K)/(2k) for K groups
+            (k below 0.25 counts as 0.25 there).
+        warmup: evaluations that learn each series' level and noise before it can fire.
+        min_effect: smallest rise, in nats, that may fire.
         entropy_drop: the model's entropy must be at least this many nats below the
             reference's for a reverse-KL rise to count as sharpening (collapse).
         kinds: the kinds to report; others are still diagnosed (and go through
@@ -572,10 +578,13 @@ class AlertRules:
         rearm: re-arm level of every detector.
 
     Attributes:
-        forward, reverse: the global :class:`CusumDetector` of each direction.
-        group_forward, group_reverse: per-group detectors, created when a group
-            first appears (group values may come and go).
-        n_evaluations, last_step: evaluations seen and the step of the latest.
+        forward: the global ``CusumDetector`` of forward KL.
+        reverse: the global ``CusumDetector`` of reverse KL.
+        group_forward: per-group forward-KL detectors, created when a group first
+            appears (group values may come and go).
+        group_reverse: per-group reverse-KL detectors, likewise.
+        n_evaluations: evaluations seen.
+        last_step: the step of the latest evaluation.
 
     ``group_count`` may count the reference's rows per group (categorical
     evaluations: then only the forward/reverse balance tells collapse from a
@@ -583,7 +592,7 @@ class AlertRules:
     a group losing its mass is the clearest mode-dropping signature). Shares are
     compared with their own baseline, learned while no detector is active.
 
-    Example:
+    Examples:
         >>> rules = AlertRules(warmup=3, kinds=("collapse", "coverage_gap"))
         >>> rules.update(Evaluation(1, 0.5, 0.01, 0.4, 0.01))
         []
@@ -675,7 +684,7 @@ class AlertRules:
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (configuration included)."""
+        """Restore from ``state_dict`` (configuration included)."""
         if d.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"unsupported AlertRules state version {d.get('version')!r}, "
@@ -992,7 +1001,10 @@ class AlertRules:
                 if m < n_modes and abs(rev - bound) <= max(0.1 * bound, self.min_effect):
                     msg += f"stayed at {_fmt(rev)} ≈ ln({n_modes}/{m})"
                 elif m < n_modes:
-                    msg += f"is {_fmt(rev)}, bounded by ln({n_modes}/{m}) = {_fmt(bound)}"
+                    msg += (
+                        f"is {_fmt(rev)} (it settles at ln({n_modes}/{m}) = {_fmt(bound)} "
+                        f"once the {m} remaining modes are fitted)"
+                    )
                 else:
                     msg += f"is {_fmt(rev)} (≤ ln {n_modes} = {_fmt(math.log(n_modes))})"
             else:

@@ -1,10 +1,10 @@
 """Functional core: KL estimators as pure torch functions.
 
-- :func:`mc_kl`: D(A‖B) from samples of A (naive, k3 or control variate), with
+- ``mc_kl``: D(A‖B) from samples of A (naive, k3 or control variate), with
   standard error, tail diagnostic and variance reduction.
-- :func:`iw_reverse_kl`: D(B‖A) from samples of A only, by self-normalised
+- ``iw_reverse_kl``: D(B‖A) from samples of A only, by self-normalised
   importance weighting, with its effective sample size.
-- :func:`categorical_kl`: exact D(P‖Q) and D(Q‖P) between categorical
+- ``categorical_kl``: exact D(P‖Q) and D(Q‖P) between categorical
   distributions given by logits, in one chunked pass.
 """
 
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ._utils import check_floating, check_nonfinite_mode, compute_dtype, warn_once
-from .stats import IWEstimate, KLEstimate, KLStats
+from .stats import NONFINITE, SUPPORT, IWEstimate, KLEstimate, KLStats
+from .stats import N as _N_COL
 
 __all__ = ["mc_kl", "iw_reverse_kl", "categorical_kl", "categorical_kl_rows", "CategoricalKLResult"]
 
@@ -41,7 +42,10 @@ def mc_kl(
       over two hash-assigned folds, so it never sees the samples it corrects and the
       estimate stays unbiased. Unless the weights' Pareto tail index k̂ is
       confidently below 0.5 (Var(w) is infinite above it) ``cv`` falls back to
-      naive, whose log-ratio tails stay light; ``.method_used`` says which ran.
+      naive, whose log-ratio tails stay light. It also falls back when mean(w − 1)
+      is many standard errors from 0: B then has mass that samples of A never reach
+      (reverse KL after mode dropping) and E_A[w] = 1 fails. ``.method_used`` says
+      which ran.
 
     Forward KL D(P‖Q) is ``mc_kl(log_p, log_q)`` on samples of P; reverse KL D(Q‖P)
     is ``mc_kl(log_q, log_p)`` on samples of Q.
@@ -56,16 +60,16 @@ def mc_kl(
             violation, not a bad input: the estimate is then ``+inf``.
 
     Returns:
-        A :class:`~kl_monitor.stats.KLEstimate`: ``.value``, ``.stderr``, ``.n``,
+        A ``KLEstimate``: ``.value``, ``.stderr``, ``.n``,
         ``.c``, ``.variance_reduction``, ``.tail_index`` and counters; ``float(est)``
         is the value.
 
     Raises:
         TypeError: non-tensor or non-floating input.
-        ValueError: shape mismatch, empty input, unknown method, or non-finite input
-            with ``nonfinite="raise"``.
+        ValueError: shape mismatch, empty input, unknown method, non-finite input
+            with ``nonfinite="raise"``, or no finite sample at all.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from kl_monitor import mc_kl
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -77,6 +81,7 @@ def mc_kl(
         (True, True)
     """
     sums, top, counts = KLStats.batch_tensors(log_a, log_b, nonfinite)
+    _require_usable(sums, counts, "log_a", "log_b")
     return KLStats(sums, top, counts).estimate(method, c=c)
 
 
@@ -96,13 +101,13 @@ def iw_reverse_kl(
     Args:
         log_p: log p(x) at samples x ~ P.
         log_q: log q(x) at the same samples.
-        nonfinite: ``"skip"`` or ``"raise"``, as in :func:`mc_kl`.
+        nonfinite: ``"skip"`` or ``"raise"``, as in ``mc_kl``.
 
     Returns:
-        An :class:`~kl_monitor.stats.IWEstimate` (``value``, ``stderr``, ``ess``, ``n``,
+        An ``IWEstimate`` (``value``, ``stderr``, ``ess``, ``n``,
         ``tail_index``).
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> p, q = torch.distributions.Normal(0., 1.), torch.distributions.Normal(0.5, 1.)
@@ -111,8 +116,19 @@ def iw_reverse_kl(
         >>> abs(est.value - 0.125) < 4 * est.stderr, est.ess > 10_000
         (True, True)
     """
-    sums, top, counts = KLStats.batch_tensors(log_p, log_q, nonfinite)
+    sums, top, counts = KLStats.batch_tensors(log_p, log_q, nonfinite, names=("log_p", "log_q"))
+    _require_usable(sums, counts, "log_p", "log_q")
     return KLStats(sums, top, counts).importance_weighted_reverse()
+
+
+def _require_usable(sums: torch.Tensor, counts: torch.Tensor, name_a: str, name_b: str) -> None:
+    """Reject a batch where every sample was dropped, naming the arguments."""
+    n, support, bad = float(sums[:, _N_COL].sum()), float(counts[SUPPORT]), float(counts[NONFINITE])
+    if n == 0 and support == 0:
+        raise ValueError(
+            f"no finite samples: every sample of `{name_a}`/`{name_b}` has a NaN or "
+            f"infinite log-density ({int(bad)} dropped); expected at least one finite pair."
+        )
 
 
 @dataclass(frozen=True)
@@ -155,7 +171,7 @@ def categorical_kl_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row forward KL, reverse KL, H(P), H(Q) and a validity flag, chunked.
 
-    The validation-free kernel behind :func:`categorical_kl` and the metrics.
+    The validation-free kernel behind ``categorical_kl`` and the metrics.
     Inputs ``(..., K)`` are flattened to rows; outputs have the leading shape and
     a float32 (float64 for float64 input) dtype. Rows with NaN or +inf logits, or
     all logits −inf on either side, are flagged invalid and get zeros.
@@ -225,14 +241,15 @@ def categorical_kl(
         chunk_rows: rows per chunk (default: about 2^18 elements per chunk).
 
     Returns:
-        :class:`CategoricalKLResult` with ``forward``, ``reverse``, per-row entropies
+        ``CategoricalKLResult`` with ``forward``, ``reverse``, per-row entropies
         ``entropy_reference`` (H(P)) and ``entropy_model`` (H(Q)), and counters.
 
     Raises:
         TypeError: non-floating logits, or a non-bool mask.
-        ValueError: shape mismatch, empty input, bad mask shape, unknown reduction.
+        ValueError: shape mismatch, empty input, bad mask shape, unknown reduction,
+            ``chunk_rows`` < 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from kl_monitor import categorical_kl
         >>> lp = torch.tensor([[0.0, 0.0], [0.0, -float("inf")]])
@@ -248,6 +265,11 @@ def categorical_kl(
     check_nonfinite_mode(nonfinite)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    ):
+        # 0 or a negative step would silently skip the kernel and report KL = 0
+        raise ValueError(f"`chunk_rows` must be a positive int or None, got {chunk_rows!r}.")
     if logits_p.dim() == 0 or logits_p.shape != logits_q.shape:
         raise ValueError(
             "`logits_p` and `logits_q` must have the same shape (..., K) with K classes "

@@ -13,17 +13,17 @@ __all__ = ["KLInputs"]
 
 @dataclass(frozen=True)
 class KLInputs:
-    """The contract between a user's model and :class:`~kl_monitor.KLMonitor`.
+    """The contract between a user's model and ``KLMonitor``.
 
     Build it with one of the two constructors, from a ``kl_inputs(self, batch)``
     method on the LightningModule (or an ``inputs_fn(module, batch)`` given to the
     monitor). Everything is read under ``torch.no_grad()`` and never back-propagated.
 
-    - :meth:`from_logits`: exact categorical KL in both directions (preferred).
-    - :meth:`from_log_probs`: Monte Carlo forward KL from reference samples, reverse
+    - ``from_logits``: exact categorical KL in both directions (preferred).
+    - ``from_log_probs``: Monte Carlo forward KL from reference samples, reverse
       KL from model samples or, without them, by importance weighting.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ref, model = torch.randn(4, 10), torch.randn(4, 10)
         >>> KLInputs.from_logits(ref, model).kind

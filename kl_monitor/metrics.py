@@ -1,18 +1,18 @@
 """torchmetrics ``Metric`` classes for KL in both directions, exact across batches and ranks.
 
 Every metric here is a thin layer over the functional core: its states are the
-sufficient statistics of :class:`~kl_monitor.stats.KLStats` (or, for logits, sums of
-exact per-row values from :func:`~kl_monitor.estimators.categorical_kl_rows`), kept in
+sufficient statistics of ``KLStats`` (or, for logits, sums of
+exact per-row values from ``categorical_kl_rows``), kept in
 float64 and summed with ``dist_reduce_fx="sum"``; the bounded top-k of log-weights is
 merged by union-then-top-k. The result over a held-out set is therefore the same however
 it was split into batches and DDP ranks, up to float64 rounding.
 
-- :class:`MonteCarloKL`: D(A‖B) from samples x ~ A (one direction).
-- :class:`CategoricalKL`: exact D(P‖Q) and D(Q‖P) from logits, per token or per sequence.
-- :class:`SampledKL`: both directions from samples: forward from reference samples,
+- ``MonteCarloKL``: D(A‖B) from samples x ~ A (one direction).
+- ``CategoricalKL``: exact D(P‖Q) and D(Q‖P) from logits, per token or per sequence.
+- ``SampledKL``: both directions from samples: forward from reference samples,
   reverse from model samples or, without them, by importance weighting.
 
-``compute()`` returns a :class:`KLResult`: a ``dict`` of scalar tensors, so
+``compute()`` returns a ``KLResult``: a ``dict`` of scalar tensors, so
 ``self.log_dict(metric.compute())`` works in a ``LightningModule``, with metadata
 (reduction, method actually used) as attributes that are not logged. With
 ``num_groups`` set, per-group values are flat keys such as ``"forward/group_3"``;
@@ -53,11 +53,11 @@ class KLResult(dict):
     Every value is a 0-dim tensor, so the whole result can go to ``self.log_dict``.
     Metadata that is not a number is carried as attributes and is not logged:
 
-    - ``reduction`` (:class:`CategoricalKL`): ``"token_mean"`` or ``"sequence_sum"``.
-    - ``method`` / ``method_used`` (:class:`MonteCarloKL`); ``forward_method_used``,
-      ``reverse_method_used`` and ``reverse_estimator`` (:class:`SampledKL`).
+    - ``reduction`` (``CategoricalKL``): ``"token_mean"`` or ``"sequence_sum"``.
+    - ``method`` / ``method_used`` (``MonteCarloKL``); ``forward_method_used``,
+      ``reverse_method_used`` and ``reverse_estimator`` (``SampledKL``).
 
-    Example:
+    Examples:
         >>> r = KLResult({"kl": torch.tensor(0.5)}, reduction="token_mean")
         >>> r.reduction, float(r["kl"])
         ('token_mean', 0.5)
@@ -75,7 +75,7 @@ class KLResult(dict):
 # --------------------------------------------------------------------------- helpers
 def _merge_top_stacked(stacked: Tensor) -> Tensor:
     """``dist_reduce_fx`` of the top-k state: torchmetrics stacks the gathered (or the
-    global and batch) buffers along dim 0; fold them with :meth:`KLStats.merge_top`."""
+    global and batch) buffers along dim 0; fold them with ``KLStats.merge_top``."""
     return functools.reduce(KLStats.merge_top, stacked.to(_F64).unbind(0))
 
 
@@ -180,7 +180,7 @@ class _KLMetric(Metric):
     full_state_update: bool = False
     plot_lower_bound: float | None = 0.0
     plot_upper_bound: float | None = None
-    #: keys drawn by :meth:`plot` (counts and diagnostics would swamp the axis).
+    #: keys drawn by ``plot`` (counts and diagnostics would swamp the axis).
     _plot_keys: tuple[str, ...] = ()
 
     def __init__(self, **kwargs: Any) -> None:
@@ -210,10 +210,14 @@ class _KLMetric(Metric):
 
     @staticmethod
     def _sample_batch(
-        log_a: Tensor, log_b: Tensor, labels: Tensor | None, nonfinite: str
+        log_a: Tensor,
+        log_b: Tensor,
+        labels: Tensor | None,
+        nonfinite: str,
+        names: tuple[str, str] = ("log_a", "log_b"),
     ) -> dict[str, Any]:
         """One batch's statistics (validated, nothing stored yet), keyed by state suffix."""
-        sums, top, counts = KLStats.batch_tensors(log_a, log_b, nonfinite)
+        sums, top, counts = KLStats.batch_tensors(log_a, log_b, nonfinite, names)
         batch = {"sums": sums, "top_log_w": top, "counts": counts}
         if labels is not None:
             batch["group_sums"] = {}
@@ -225,7 +229,7 @@ class _KLMetric(Metric):
         return batch
 
     def _add_sample_batch(self, prefix: str, batch: dict[str, Any]) -> None:
-        """Add a batch from :meth:`_sample_batch` to the states named ``prefix*``."""
+        """Add a batch from ``_sample_batch`` to the states named ``prefix*``."""
         for key in ("sums", "counts"):
             name = prefix + key
             setattr(self, name, getattr(self, name).to(_F64) + batch[key])
@@ -324,7 +328,7 @@ class _KLMetric(Metric):
             ax: a matplotlib axis to draw into.
 
         Returns:
-            ``(figure, axis)`` from :func:`torchmetrics.utilities.plot.plot_single_or_multi_val`.
+            ``(figure, axis)`` from ``torchmetrics.utilities.plot.plot_single_or_multi_val``.
         """
         val = val if val is not None else self.compute()
         if isinstance(val, Mapping):
@@ -341,15 +345,15 @@ class MonteCarloKL(_KLMetric):
     With ℓ = log a(x) − log b(x) and w = b(x)/a(x), the per-sample terms are ℓ (``naive``),
     ℓ + (w − 1) (``k3``) or ℓ − c·(w − 1) with the cross-fitted c = Cov(ℓ, w)/Var(w)
     (``cv``, the default; it falls back to naive when the Pareto tail index of w may
-    be ≥ 0.5). See :func:`~kl_monitor.estimators.mc_kl`. The states are the float64 sums
-    of :class:`~kl_monitor.stats.KLStats` (n, Σℓ, Σℓ², Σu, Σu², Σℓu, ... per fold), a
+    be ≥ 0.5). See ``mc_kl``. The states are the float64 sums
+    of ``KLStats`` (n, Σℓ, Σℓ², Σu, Σu², Σℓu, ... per fold), a
     top-k of log w and counters, all summed (top-k: merged) across batches and ranks,
     so the result on a held-out set does not depend on how it was split.
 
     Forward KL D(P‖Q): ``update(log_p, log_q)`` on samples of P. Reverse KL D(Q‖P):
     ``update(log_q, log_p)`` on samples of Q.
 
-    ``compute()`` returns a :class:`KLResult` of scalar float64 tensors:
+    ``compute()`` returns a ``KLResult`` of scalar float64 tensors:
 
     - ``kl``: the estimate (nats; ``+inf`` with support violations), ``stderr``, ``n``
       (finite samples used), ``c`` (coefficient applied in ℓ − c(w − 1)),
@@ -374,7 +378,7 @@ class MonteCarloKL(_KLMetric):
     Raises:
         ValueError: from ``compute()`` when no usable sample was seen.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from kl_monitor.metrics import MonteCarloKL
         >>> _ = torch.manual_seed(0)
@@ -476,11 +480,11 @@ class CategoricalKL(_KLMetric):
       Entropies are summed per sequence the same way. A dropped (non-finite) row
       adds 0 to its sequence's sum, as in ``categorical_kl(..., reduction="sum")``.
 
-    States (float64, summed across batches and ranks): n, Σf, Σf², #(f = ∞), Σr, Σr²,
-    #(r = ∞), ΣH(P), ΣH(Q), support violations, non-finite rows and counted rows; and
+    States (float64, summed across batches and ranks): n, Σf, Σf², #(f = ∞), Σr, Σr², #(r = ∞),
+    ΣH(P), ΣH(Q), support violations, non-finite rows and counted rows; and
     with ``num_groups`` the first seven per group.
 
-    ``compute()`` returns a :class:`KLResult` of scalar float64 tensors: ``forward``,
+    ``compute()`` returns a ``KLResult`` of scalar float64 tensors: ``forward``,
     ``reverse``, ``asymmetry`` (forward − reverse; ``nan`` only when both are ``+inf``),
     ``forward_stderr``, ``reverse_stderr``, ``entropy_reference`` (H(P)),
     ``entropy_model`` (H(Q)), ``support_violations`` (rows where q = 0 < p or
@@ -502,7 +506,7 @@ class CategoricalKL(_KLMetric):
         validate_args: check group labels are in range (one device sync per update).
         kwargs: torchmetrics ``Metric`` options.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from kl_monitor.metrics import CategoricalKL
         >>> metric = CategoricalKL()
@@ -695,14 +699,14 @@ class SampledKL(_KLMetric):
     r"""Forward and reverse KL from samples, exact across batches and ranks.
 
     - **forward** D(P‖Q) from reference samples x ~ P with log p(x), log q(x): the
-      Monte Carlo estimator of :class:`MonteCarloKL` (``method``), terms ℓ = log p − log q.
+      Monte Carlo estimator of ``MonteCarloKL`` (``method``), terms ℓ = log p − log q.
     - **reverse** D(Q‖P) from model samples y ~ Q with log q(y), log p(y), by the same
       estimator, as soon as any update (on any rank) has passed model samples.
     - Without model samples, reverse is importance-weighted from the reference samples:
       with w = q/p and w̃ = w/mean(w), D(Q‖P) ≈ mean(w̃ log w̃), reported with its
       effective sample size (Σw)²/Σw², which is far below n when it cannot be trusted.
 
-    ``compute()`` returns a :class:`KLResult` of scalar float64 tensors:
+    ``compute()`` returns a ``KLResult`` of scalar float64 tensors:
 
     - ``forward``, ``forward_stderr``, ``forward_n``, ``forward_c``,
       ``forward_variance_reduction``, ``forward_tail_index``;
@@ -730,13 +734,13 @@ class SampledKL(_KLMetric):
 
     Args:
         method: ``"cv"``, ``"k3"`` or ``"naive"`` for the Monte Carlo directions.
-        nonfinite: ``"skip"`` or ``"raise"``, as in :class:`MonteCarloKL`.
+        nonfinite: ``"skip"`` or ``"raise"``, as in ``MonteCarloKL``.
         num_groups: number of group labels 0..G−1; then every update needs ``groups``
             (and ``model_groups`` whenever it passes model samples).
         validate_args: check group labels are in range.
         kwargs: torchmetrics ``Metric`` options.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from kl_monitor.metrics import SampledKL
         >>> _ = torch.manual_seed(0)
@@ -809,9 +813,12 @@ class SampledKL(_KLMetric):
                 self.validate_args, name="model_groups",
             )
         # compute both batches before storing either: a rejected batch adds nothing
-        ref_batch = self._sample_batch(log_p, log_q, labels, self.nonfinite)
+        ref_batch = self._sample_batch(log_p, log_q, labels, self.nonfinite, ("log_p", "log_q"))
         model_batch = (
-            self._sample_batch(model_log_q, model_log_p, model_labels, self.nonfinite)
+            self._sample_batch(
+                model_log_q, model_log_p, model_labels, self.nonfinite,
+                ("model_log_q", "model_log_p"),
+            )
             if has_model else None
         )
         self._add_sample_batch("ref_", ref_batch)
@@ -909,7 +916,7 @@ def _iw_group_reverse(group: KLStats, whole: KLStats) -> tuple[float, float, flo
 
     With w = q/p, m = log w, b = Σw/n over all samples and R_g = Σ_g w·m / Σ_g w, the
     estimate is R_g − log b, so Σ_g (W_g/W)·estimate_g equals the importance-weighted
-    reverse KL of :meth:`KLStats.importance_weighted_reverse` exactly. The standard
+    reverse KL of ``KLStats.importance_weighted_reverse`` exactly. The standard
     error is the delta method's, with influence n·[1_g·w(m − R_g)/W_g − (w − b)/(n·b)].
     Returns ``(value, stderr, mass share W_g/W)``, or ``None`` when the group's model
     mass is (numerically) zero. Support violations enter as w = 0.

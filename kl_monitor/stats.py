@@ -159,7 +159,7 @@ def pareto_tail_index(top_log_w: torch.Tensor, n: int) -> float:
     Returns:
         k̂, or ``nan`` when n < 20 or the top weights are all equal.
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> x = torch.randn(4000)
@@ -174,7 +174,10 @@ def pareto_tail_index(top_log_w: torch.Tensor, n: int) -> float:
     if n < 20 or m < 5:
         return float("nan")
     top = np.sort(top)[::-1][: m + 1]
-    exceed = np.expm1(top[:m] - top[m])[::-1]
+    # Exceedances over the (m+1)-th weight, divided by the largest weight (k̂ is scale-free):
+    # e^(t_i − t_0) − e^(t_m − t_0) cannot overflow, however far apart the log-weights are
+    # (expm1(t_i − t_m) overflowed past 709 nats and the fit returned NaN, read as "light").
+    exceed = (np.exp(top[:m] - top[0]) * -np.expm1(top[m] - top[:m]))[::-1]
     # All top weights equal up to rounding (e.g. w = q/p constant on a kept mode): there
     # is no tail to fit, and a GPD fitted to rounding noise returns nonsense (k̂ ≈ 300).
     if not exceed[-1] > 1e-9:
@@ -214,7 +217,7 @@ class KLStats:
         top_log_w: ``(TOP_K,)`` largest log-weights, ``-inf`` padded.
         counts: ``(3,)`` float64 counters (non-finite, support violations, clipped).
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> p, q = torch.distributions.Normal(0., 1.), torch.distributions.Normal(1., 1.)
@@ -249,20 +252,25 @@ class KLStats:
     # ------------------------------------------------------------------ building
     @staticmethod
     def batch_tensors(
-        log_a: torch.Tensor, log_b: torch.Tensor, nonfinite: str = "skip"
+        log_a: torch.Tensor,
+        log_b: torch.Tensor,
+        nonfinite: str = "skip",
+        names: tuple[str, str] = ("log_a", "log_b"),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Statistics of one batch as ``(sums, top_log_w, counts)`` tensors.
 
         This is the one place samples are turned into statistics; ``update`` and the
-        torchmetrics classes both add its output to their state.
+        torchmetrics classes both add its output to their state. ``names`` are the
+        caller's argument names for ``log_a`` and ``log_b``, used in error messages.
         """
+        name_a, name_b = names
         check_nonfinite_mode(nonfinite)
-        check_floating("log_a", log_a)
-        check_floating("log_b", log_b)
-        check_same_shape("log_a", log_a, "log_b", log_b)
+        check_floating(name_a, log_a)
+        check_floating(name_b, log_b)
+        check_same_shape(name_a, log_a, name_b, log_b)
         if log_a.numel() == 0:
             raise ValueError(
-                f"`log_a` and `log_b` are empty (shape {tuple(log_a.shape)}); "
+                f"`{name_a}` and `{name_b}` are empty (shape {tuple(log_a.shape)}); "
                 "expected at least one sample."
             )
         a = log_a.detach().reshape(-1).to(torch.float64)
@@ -276,7 +284,7 @@ class KLStats:
             if nonfinite == "raise":
                 raise ValueError(
                     f"{n_bad} of {a.numel()} samples have NaN or infinite log-densities "
-                    "(log_a must be finite; log_b may be -inf only for a support "
+                    f"(`{name_a}` must be finite; `{name_b}` may be -inf only for a support "
                     "violation). Pass nonfinite='skip' to drop them."
                 )
             warn_once(
@@ -338,7 +346,7 @@ class KLStats:
         return self.sums.detach().to("cpu", torch.float64), self.counts.detach().cpu().tolist()
 
     def tail_index(self) -> float:
-        """Pareto k̂ of the weights w = b/a (see :func:`pareto_tail_index`)."""
+        """Pareto k̂ of the weights w = b/a (see ``pareto_tail_index``)."""
         return pareto_tail_index(self.top_log_w, self.n)
 
     def optimal_c(self) -> float:
@@ -359,7 +367,7 @@ class KLStats:
         - ``cv``: ℓ − c·(w − 1). With ``c=None``, c = Cov(ℓ, w)/Var(w) is cross-fitted
           (fitted on one fold, applied to the other), and the method falls back to
           ``naive`` unless the weights' tail index k̂ is confidently below 0.5
-          (:func:`tail_may_be_heavy`): above it Var(w) is infinite and any w-based
+          (``tail_may_be_heavy``): above it Var(w) is infinite and any w-based
           interval is meaningless. It also falls back when mean(w − 1) is more than
           ``CV_MEAN_Z`` standard errors from 0: E_A[w] = 1 fails in practice when B has
           mass the samples of A never reach (reverse KL after mode dropping), and the

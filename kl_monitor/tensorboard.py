@@ -53,12 +53,12 @@ def layout(prefix: str, unit: str = "nats") -> dict[str, dict[str, list[Any]]]:
     }
     charts[f"forward vs reverse ({unit})"] = [
         "Multiline",
-        [f"{prefix}/forward", f"{prefix}/reverse"],
+        [rf"^{prefix}/(forward|reverse)$"],  # regexes: anchor, or every forward_* matches
     ]
-    charts[f"asymmetry: forward − reverse ({unit})"] = ["Multiline", [f"{prefix}/asymmetry"]]
-    charts["per-group forward KL"] = ["Multiline", [rf"{prefix}/forward/group_\d+"]]
-    charts["per-group mass"] = ["Multiline", [rf"{prefix}/(reverse_)?mass/group_\d+"]]
-    charts["alerts"] = ["Multiline", [rf"{prefix}/alert/.*"]]
+    charts[f"asymmetry: forward − reverse ({unit})"] = ["Multiline", [rf"^{prefix}/asymmetry$"]]
+    charts["per-group forward KL"] = ["Multiline", [rf"^{prefix}/forward/group_\d+$"]]
+    charts["per-group mass"] = ["Multiline", [rf"^{prefix}/(reverse_)?mass/group_\d+$"]]
+    charts["alerts"] = ["Multiline", [rf"^{prefix}/alert/"]]
     return {f"KL monitor ({prefix})": charts}
 
 
