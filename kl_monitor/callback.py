@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import random
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,9 @@ from .metrics import CategoricalKL, SampledKL
 __all__ = ["KLMonitor", "KLAlertWarning", "KLMonitorWarning"]
 
 ALERT_KINDS = ("collapse", "coverage_gap", "over_dispersion")
+# Adaptive cadence: steps before the first timed interval, and the longest interval.
+_FIRST_INTERVAL = 10
+_MAX_INTERVAL = 10_000
 _HIST_VALUES = 4096
 
 
@@ -86,7 +90,8 @@ class _KLMonitorLogic:
         dataloader: Iterable | None = None,
         *,
         inputs_fn: Callable[[Any, Any], KLInputs] | None = None,
-        every_n_train_steps: int = 50,
+        every_n_train_steps: int | None = None,
+        overhead_budget: float = 0.02,
         max_batches: int = 8,
         method: str = "cv",
         reduction: str = "token_mean",
@@ -99,9 +104,17 @@ class _KLMonitorLogic:
         prog_bar: bool = False,
         seed: int = 0,
     ) -> None:
-        if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
+        if every_n_train_steps is not None and (
+            not isinstance(every_n_train_steps, int) or every_n_train_steps < 1
+        ):
             raise ValueError(
-                f"`every_n_train_steps` must be an int ≥ 1, got {every_n_train_steps!r}."
+                "`every_n_train_steps` must be an int ≥ 1, or None for a cadence set by "
+                f"`overhead_budget`, got {every_n_train_steps!r}."
+            )
+        if not isinstance(overhead_budget, (int, float)) or not 0 < overhead_budget < 1:
+            raise ValueError(
+                "`overhead_budget` must be a fraction of training time in (0, 1), "
+                f"got {overhead_budget!r}."
             )
         if not isinstance(max_batches, int) or max_batches < 1:
             raise ValueError(f"`max_batches` must be an int ≥ 1, got {max_batches!r}.")
@@ -129,6 +142,7 @@ class _KLMonitorLogic:
         self.dataloader = dataloader
         self.inputs_fn = inputs_fn
         self.every_n_train_steps = every_n_train_steps
+        self.overhead_budget = float(overhead_budget)
         self.max_batches = max_batches
         self.method = method
         self.reduction = reduction
@@ -143,6 +157,12 @@ class _KLMonitorLogic:
         # state that survives checkpoints
         self.n_evals = 0
         self.last_eval_step = -1
+        self.next_eval_step = 0
+        # wall clock and step at the end of the last evaluation (adaptive cadence)
+        self._clock: float | None = None
+        self._clock_step = 0
+        self._eval_seconds: float | None = None
+        self._timing_only = False
         self.failures = 0
         self.alerts: list[Alert] = []
         self.last_result: dict[str, float] = {}
@@ -169,6 +189,7 @@ class _KLMonitorLogic:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # A resumed run already evaluated at its checkpoint step: only validate.
         resumed = self.n_evals > 0
+        started = time.perf_counter()
         try:
             self._run_evaluation(trainer, pl_module, 1 if resumed else self.max_batches)
         except Exception as err:
@@ -184,24 +205,65 @@ class _KLMonitorLogic:
                 self.prefix,
                 unit[self.reduction] if self._kind == "logits" else "nats",
             )
-        if not resumed:
-            self._finish_evaluation(trainer, pl_module, step=trainer.global_step, in_step=False)
-        else:
+        if resumed:
             self._metric.reset()
+            # the loops' step is restored only after this hook: start timing at the
+            # first training step
+            self._clock = None
+            return
+        self._finish_evaluation(trainer, pl_module, step=trainer.global_step, in_step=False)
+        self._eval_seconds = time.perf_counter() - started
+        step = trainer.global_step
+        if self.every_n_train_steps is None:
+            # the first interval only times the training steps; the sanity evaluation
+            # has timed an evaluation
+            self._timing_only = True
+            self.next_eval_step = step + _FIRST_INTERVAL
+        else:
+            self.next_eval_step = self._next_step(trainer, step, None)
+        self._clock, self._clock_step = time.perf_counter(), step
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_train_steps or step == self.last_eval_step:
+        if self._clock is None:
+            self._clock, self._clock_step = time.perf_counter(), step
+        if step < self.next_eval_step or step == self.last_eval_step:
             return
-        self.evaluate(trainer, pl_module)
+        trained_until = time.perf_counter()
+        per_step = (trained_until - self._clock) / max(step - self._clock_step, 1)
+        if self._timing_only:
+            self._timing_only = False
+        else:
+            self.evaluate(trainer, pl_module)
+            self._eval_seconds = time.perf_counter() - trained_until
+        self.next_eval_step = self._next_step(trainer, step, per_step)
+        self._clock, self._clock_step = time.perf_counter(), step
+
+    def _next_step(self, trainer: Any, step: int, per_step: float | None) -> int:
+        """The step of the next evaluation.
+
+        Fixed cadence: the next multiple of ``every_n_train_steps``. Adaptive cadence
+        (``every_n_train_steps=None``): far enough ahead that evaluating costs at most
+        ``overhead_budget`` of the training time, from the last evaluation's duration
+        and the mean duration of the training steps since the one before. Rank 0
+        decides and broadcasts, so every rank evaluates (a collective) at one step.
+        """
+        if self.every_n_train_steps is not None:
+            return (step // self.every_n_train_steps + 1) * self.every_n_train_steps
+        interval = _FIRST_INTERVAL
+        if per_step is not None and self._eval_seconds is not None:
+            budget = self.overhead_budget * max(per_step, 1e-9)
+            interval = min(max(math.ceil(self._eval_seconds / budget), 1), _MAX_INTERVAL)
+        return step + int(trainer.strategy.broadcast(interval, src=0))
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
             "n_evals": self.n_evals,
             "last_eval_step": self.last_eval_step,
+            "next_eval_step": self.next_eval_step,
             "failures": self.failures,
             "alerts": [a.to_dict() for a in self.alerts],
             "rules": self.rules.state_dict(),
@@ -212,6 +274,7 @@ class _KLMonitorLogic:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.n_evals = int(state_dict["n_evals"])
         self.last_eval_step = int(state_dict["last_eval_step"])
+        self.next_eval_step = int(state_dict.get("next_eval_step", self.last_eval_step + 1))
         self.failures = int(state_dict["failures"])
         self.alerts = [Alert(**a) for a in state_dict["alerts"]]
         self.rules.load_state_dict(state_dict["rules"])
@@ -466,8 +529,11 @@ def _callback_bases() -> tuple[type, ...]:
 class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
     """Watch forward and reverse KL between the model and a reference during training.
 
-    Every ``every_n_train_steps`` optimizer steps (and once before training, as a
-    sanity check), it runs up to ``max_batches`` held-out batches through the model's
+    Once before training (a sanity check that fails fast on a broken ``kl_inputs``),
+    then every ``every_n_train_steps`` optimizer steps, or by default as often as an
+    ``overhead_budget`` of the training time allows (2%: the cadence adapts to the
+    measured cost of an evaluation and of a training step), it runs up to
+    ``max_batches`` held-out batches through the model's
     ``kl_inputs(self, batch) -> KLInputs`` (or ``inputs_fn(module, batch)``) under
     ``torch.no_grad()`` in eval mode on the module's device, with its own RNG, so the
     training run is bitwise unchanged. It logs, through every logger of the Trainer:
@@ -490,7 +556,12 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
         dataloader: held-out data (default: the Trainer's validation dataloader). It
             is sharded across DDP ranks by batch index.
         inputs_fn: ``(module, batch) -> KLInputs``, instead of ``module.kl_inputs``.
-        every_n_train_steps: evaluation cadence in optimizer steps.
+        every_n_train_steps: fixed evaluation cadence in optimizer steps; ``None``
+            (default) adapts the cadence to ``overhead_budget``.
+        overhead_budget: with the adaptive cadence, the fraction of training wall time
+            the monitor may spend evaluating (default 0.02). The first interval is 10
+            steps; later ones are max(1, eval time / (budget × step time)) steps, at
+            most 10,000.
         max_batches: held-out batches per evaluation, per rank.
         method: estimator for sampled inputs: ``"cv"`` (default), ``"k3"``, ``"naive"``.
         reduction: for logits of shape (batch, seq, K): ``"token_mean"`` or

@@ -410,3 +410,41 @@ def test_inputs_fn_is_used_instead_of_method():
     monitor = KLMonitor(train_data(32, dim=4), inputs_fn=fn, every_n_train_steps=1, max_batches=1)
     trainer(max_steps=2, callbacks=[monitor]).fit(model, train_data(32, dim=4))
     assert len(used) == 3 and model.calls == 0
+
+
+# ---------------------------------------------------------------- cadence
+def _slow_inputs_run(budget: float, steps: int = 300):
+    import time as _time
+
+    model = student_module("lightning.pytorch")
+
+    def slow(module, batch):
+        _time.sleep(0.02)  # an evaluation costs far more than a training step
+        (x,) = batch
+        return KLInputs.from_logits(module.teacher(x), module(x))
+
+    monitor = KLMonitor(
+        train_data(64, dim=4), inputs_fn=slow, max_batches=2, overhead_budget=budget
+    )
+    trainer(max_steps=steps, callbacks=[monitor]).fit(
+        model, train_data(steps * 4, dim=4, batch_size=4)
+    )
+    return monitor
+
+
+def test_default_cadence_keeps_evaluation_within_the_overhead_budget():
+    # 40 ms per evaluation against a few ms per step: at a 2% budget the interval is
+    # hundreds of steps (more on a loaded machine, where steps are slower). The first
+    # 10 steps only time a training step (the sanity evaluation timed an evaluation).
+    tight = _slow_inputs_run(0.02)
+    assert tight.n_evals <= 2
+    assert tight.next_eval_step - max(tight.last_eval_step, 10) >= 100
+    # a generous budget evaluates often
+    loose = _slow_inputs_run(0.9)
+    assert loose.n_evals >= 6 and loose.n_evals >= 3 * tight.n_evals
+
+
+def test_fixed_cadence_and_budget_validation():
+    assert KLMonitor(every_n_train_steps=7).every_n_train_steps == 7
+    with pytest.raises(ValueError, match="overhead_budget"):
+        KLMonitor(overhead_budget=1.5)
