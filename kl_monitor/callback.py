@@ -161,7 +161,9 @@ class _KLMonitorLogic:
         # wall clock and step at the end of the last evaluation (adaptive cadence)
         self._clock: float | None = None
         self._clock_step = 0
-        self._eval_seconds: float | None = None
+        # seconds spent evaluating and training so far (adaptive cadence's budget)
+        self._eval_total = 0.0
+        self._train_total = 0.0
         self._timing_only = False
         self.failures = 0
         self.alerts: list[Alert] = []
@@ -212,7 +214,7 @@ class _KLMonitorLogic:
             self._clock = None
             return
         self._finish_evaluation(trainer, pl_module, step=trainer.global_step, in_step=False)
-        self._eval_seconds = time.perf_counter() - started
+        self._eval_total += time.perf_counter() - started
         step = trainer.global_step
         if self.every_n_train_steps is None:
             # the first interval only times the training steps; the sanity evaluation
@@ -232,12 +234,13 @@ class _KLMonitorLogic:
         if step < self.next_eval_step or step == self.last_eval_step:
             return
         trained_until = time.perf_counter()
+        self._train_total += trained_until - self._clock
         per_step = (trained_until - self._clock) / max(step - self._clock_step, 1)
         if self._timing_only:
             self._timing_only = False
         else:
             self.evaluate(trainer, pl_module)
-            self._eval_seconds = time.perf_counter() - trained_until
+            self._eval_total += time.perf_counter() - trained_until
         self.next_eval_step = self._next_step(trainer, step, per_step)
         self._clock, self._clock_step = time.perf_counter(), step
 
@@ -245,17 +248,18 @@ class _KLMonitorLogic:
         """The step of the next evaluation.
 
         Fixed cadence: the next multiple of ``every_n_train_steps``. Adaptive cadence
-        (``every_n_train_steps=None``): far enough ahead that evaluating costs at most
-        ``overhead_budget`` of the training time, from the last evaluation's duration
-        and the mean duration of the training steps since the one before. Rank 0
-        decides and broadcasts, so every rank evaluates (a collective) at one step.
+        (``every_n_train_steps=None``): the first step at which the time spent
+        evaluating so far, sanity evaluation included, is at most ``overhead_budget``
+        of the time spent training, predicted from the mean duration of the steps
+        since the last evaluation. Rank 0 decides and broadcasts, so every rank
+        evaluates (a collective) at the same step.
         """
         if self.every_n_train_steps is not None:
             return (step // self.every_n_train_steps + 1) * self.every_n_train_steps
         interval = _FIRST_INTERVAL
-        if per_step is not None and self._eval_seconds is not None:
-            budget = self.overhead_budget * max(per_step, 1e-9)
-            interval = min(max(math.ceil(self._eval_seconds / budget), 1), _MAX_INTERVAL)
+        if per_step is not None:
+            owed = self._eval_total / self.overhead_budget - self._train_total
+            interval = min(max(math.ceil(owed / max(per_step, 1e-9)), 1), _MAX_INTERVAL)
         return step + int(trainer.strategy.broadcast(interval, src=0))
 
     def state_dict(self) -> dict[str, Any]:
@@ -264,6 +268,8 @@ class _KLMonitorLogic:
             "n_evals": self.n_evals,
             "last_eval_step": self.last_eval_step,
             "next_eval_step": self.next_eval_step,
+            "seconds_evaluating": self._eval_total,
+            "seconds_training": self._train_total,
             "failures": self.failures,
             "alerts": [a.to_dict() for a in self.alerts],
             "rules": self.rules.state_dict(),
@@ -275,6 +281,8 @@ class _KLMonitorLogic:
         self.n_evals = int(state_dict["n_evals"])
         self.last_eval_step = int(state_dict["last_eval_step"])
         self.next_eval_step = int(state_dict.get("next_eval_step", self.last_eval_step + 1))
+        self._eval_total = float(state_dict.get("seconds_evaluating", 0.0))
+        self._train_total = float(state_dict.get("seconds_training", 0.0))
         self.failures = int(state_dict["failures"])
         self.alerts = [Alert(**a) for a in state_dict["alerts"]]
         self.rules.load_state_dict(state_dict["rules"])
@@ -559,9 +567,10 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
         every_n_train_steps: fixed evaluation cadence in optimizer steps; ``None``
             (default) adapts the cadence to ``overhead_budget``.
         overhead_budget: with the adaptive cadence, the fraction of training wall time
-            the monitor may spend evaluating (default 0.02). The first interval is 10
-            steps; later ones are max(1, eval time / (budget × step time)) steps, at
-            most 10,000.
+            the monitor may spend evaluating (default 0.02), sanity evaluation
+            included: the next evaluation comes once training time has reached
+            evaluation time / budget. The first 10 steps only time a training step;
+            intervals are at most 10,000 steps.
         max_batches: held-out batches per evaluation, per rank.
         method: estimator for sampled inputs: ``"cv"`` (default), ``"k3"``, ``"naive"``.
         reduction: for logits of shape (batch, seq, K): ``"token_mean"`` or
