@@ -158,9 +158,11 @@ class CategoricalKLResult:
     reduction: str
 
 
-# Per chunk the kernel holds ~8 temporaries of chunk_rows × classes floats; 2^18
-# elements (1 MiB in float32) each keeps them in a core's L2 cache.
-_CHUNK_ELEMENTS = 1 << 18
+# CPU: chunks of 2^16 elements. The kernel's work buffer holds 8 × chunk floats
+# (2 MiB in float32), about one core's L2 cache; smaller chunks pay more per-op
+# dispatch and thread start-up, larger ones spill out of L2 (measured, see
+# docs/performance.md). Accelerators get 64× larger chunks to keep kernel launches few.
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def categorical_kl_rows(
@@ -175,6 +177,19 @@ def categorical_kl_rows(
     Inputs ``(..., K)`` are flattened to rows; outputs have the leading shape and
     a float32 (float64 for float64 input) dtype. Rows with NaN or +inf logits, or
     all logits −inf on either side, are flagged invalid and get zeros.
+
+    Per row, with x, y the logits of P, Q, xs = x − max x, ys = y − max y,
+    ex = exp(xs), ey = exp(ys) and d = xs − ys, everything follows from seven sums:
+
+        D(P‖Q) = Σex·d / Σex − g,   D(Q‖P) = g − Σey·d / Σey,
+        H(P) = log Σex − Σex·xs / Σex,   H(Q) = log Σey − Σey·ys / Σey,
+
+    where g = log(Σex / Σey) = log1p(Σ(ex − ey) / Σey). Taking g from the sum of the
+    differences, and d from the shifted logits, keeps small KLs (P ≈ Q) accurate: no
+    difference of two log-sum-exps. One exp per logit, plain sums (no matmul, so
+    TF32/bf16 matmul settings cannot touch the precision), in a preallocated buffer.
+    Rows holding −inf logits (probability 0) are recomputed with masking: 0·log 0 = 0,
+    and mass on a class the other side gives probability 0 makes that KL ``+inf``.
     """
     k = logits_p.shape[-1]
     lead = logits_p.shape[:-1]
@@ -182,25 +197,70 @@ def categorical_kl_rows(
     q2 = logits_q.detach().reshape(-1, k)
     rows = p2.shape[0]
     dtype = compute_dtype(logits_p)
-    out = torch.zeros(4, rows, dtype=dtype, device=logits_p.device)
-    valid = torch.ones(rows, dtype=torch.bool, device=logits_p.device)
-    step = chunk_rows or max(1, _CHUNK_ELEMENTS // max(k, 1))
+    dev = logits_p.device
+    if rows == 0:
+        zero = torch.zeros(lead, dtype=dtype, device=dev)
+        ones = torch.ones(lead, dtype=torch.bool, device=dev)
+        return zero, zero.clone(), zero.clone(), zero.clone(), ones
+    elems = _CHUNK_ELEMENTS if dev.type == "cpu" else _CHUNK_ELEMENTS << 6
+    step = max(1, min(rows, chunk_rows or elems // k))
+    sums = torch.empty(rows, 7, dtype=dtype, device=dev)
+    maxes = torch.empty(rows, 2, dtype=dtype, device=dev)
+    work = torch.empty(step, 8, k, dtype=dtype, device=dev)
+
+    def views(r: int) -> tuple[torch.Tensor, ...]:
+        # slots: d, xs, ys, ex, ey, ex − ey, ex·d, ey·d; xs, ys then become ex·xs, ey·ys
+        w = work[:r]
+        return (w[:, 0], w[:, 0:1], w[:, 1], w[:, 2], w[:, 1:3], w[:, 3:5], w[:, 5],
+                w[:, 6:8], w[:, 1:8])
+
+    def chunk(xp, xq, out_sums, out_max, v, masked=False):
+        d, d1, xs, ys, xy, exy, diff, exy_d, summed = v
+        xs.copy_(xp)
+        ys.copy_(xq)
+        torch.amax(xy, dim=-1, out=out_max)
+        xy.sub_(out_max.unsqueeze(-1))
+        torch.exp(xy, out=exy)
+        if masked:
+            neg_inf = torch.isneginf(xy)
+            has_mass = exy > 0
+            violations = torch.stack((
+                (has_mass[:, 0] & neg_inf[:, 1]).any(-1),  # q = 0 < p: D(P‖Q) = +inf
+                (has_mass[:, 1] & neg_inf[:, 0]).any(-1),  # p = 0 < q: D(Q‖P) = +inf
+            ))
+            xy.masked_fill_(neg_inf, 0.0)  # where a side is -inf its own exp is 0
+        torch.sub(xs, ys, out=d)
+        torch.sub(exy[:, 0], exy[:, 1], out=diff)
+        torch.mul(exy, d1, out=exy_d)
+        xy.mul_(exy)
+        torch.sum(summed, dim=-1, out=out_sums)
+        return violations if masked else None
+
+    full = views(step)
     for start in range(0, rows, step):
-        sl = slice(start, min(start + step, rows))
-        lp = torch.log_softmax(p2[sl].to(dtype), dim=-1)
-        lq = torch.log_softmax(q2[sl].to(dtype), dim=-1)
-        pp, pq = lp.exp(), lq.exp()
-        d = lp - lq
-        # 0·log 0 = 0: classes with zero mass contribute nothing, even when the other
-        # side is -inf too (d = nan there).
-        fwd = torch.where(pp > 0, pp * d, 0.0).sum(-1)
-        rev = torch.where(pq > 0, pq * d, 0.0).sum(-1).neg_()
-        hp = torch.where(pp > 0, pp * lp, 0.0).sum(-1).neg_()
-        hq = torch.where(pq > 0, pq * lq, 0.0).sum(-1).neg_()
-        ok = ~(torch.isnan(lp).any(-1) | torch.isnan(lq).any(-1))
-        valid[sl] = ok
-        block = torch.stack((fwd, rev, hp, hq))
-        out[:, sl] = torch.where(ok, block, 0.0)
+        stop = min(start + step, rows)
+        v = full if stop - start == step else views(stop - start)
+        chunk(p2[start:stop], q2[start:stop], sums[start:stop], maxes[start:stop], v)
+    # A row is valid when both maxima are finite (NaN and +inf propagate into the max;
+    # all -inf gives -inf). A valid row with NaN sums holds -inf logits (0·-inf): redo.
+    valid = torch.isfinite(maxes).all(1)
+    infinite = torch.zeros(2, rows, dtype=torch.bool, device=dev)
+    redo = (torch.isnan(sums).any(1) & valid).nonzero().flatten()
+    for start in range(0, redo.numel(), step):
+        idx = redo[start:start + step]
+        s = torch.empty(idx.numel(), 7, dtype=dtype, device=dev)
+        m = torch.empty(idx.numel(), 2, dtype=dtype, device=dev)
+        infinite[:, idx] = chunk(p2[idx], q2[idx], s, m, views(idx.numel()), masked=True)
+        sums[idx] = s
+    sum_x_xs, sum_y_ys, sum_x, sum_y, sum_diff, sum_x_d, sum_y_d = sums.unbind(1)
+    gap = torch.log1p(sum_diff / sum_y)
+    out = torch.stack((
+        (sum_x_d / sum_x - gap).masked_fill_(infinite[0], float("inf")),
+        (gap - sum_y_d / sum_y).masked_fill_(infinite[1], float("inf")),
+        sum_x.log() - sum_x_xs / sum_x,
+        sum_y.log() - sum_y_ys / sum_y,
+    ))
+    out = torch.where(valid, out, 0.0)
     # KL ≥ 0 exactly; float32 rounding leaves ~1e-9 negatives on converged rows, and a
     # negative KL on a dashboard reads as a bug. The clamp moves a row by at most that.
     out[:2].clamp_(min=0.0)

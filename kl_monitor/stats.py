@@ -188,6 +188,8 @@ def pareto_tail_index(top_log_w: torch.Tensor, n: int) -> float:
 
 def _tail_count(n: int) -> int:
     """Weights in the Pareto fit: M = min(n/5, 3√n), at most TOP_K − 1."""
+    if n < 0:  # not "math domain error" from the square root
+        raise ValueError(f"`n` (how many weights there were) must be ≥ 0, got {n}.")
     return int(min(0.2 * n, 3.0 * math.sqrt(n), TOP_K - 1))
 
 
