@@ -158,20 +158,6 @@ def _asymmetry(forward: float, reverse: float) -> float:
     return forward - reverse
 
 
-def _group_batches(
-    log_a: Tensor, log_b: Tensor, labels: Tensor
-) -> list[tuple[int, Tensor, Tensor]]:
-    """Split samples by label (only labels that occur), without a mask per group."""
-    flat = labels.reshape(-1)
-    a, b = log_a.reshape(-1), log_b.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    out = []
-    for g, idx in zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True):
-        out.append((int(g), a[idx], b[idx]))
-    return out
-
-
 class _KLMetric(Metric):
     """Shared plumbing: float64 states, result metadata, plotting, state-shape checks."""
 
@@ -208,24 +194,20 @@ class _KLMetric(Metric):
                 dist_reduce_fx="sum",
             )
 
-    @staticmethod
     def _sample_batch(
+        self,
         log_a: Tensor,
         log_b: Tensor,
         labels: Tensor | None,
-        nonfinite: str,
         names: tuple[str, str] = ("log_a", "log_b"),
     ) -> dict[str, Any]:
         """One batch's statistics (validated, nothing stored yet), keyed by state suffix."""
-        sums, top, counts = KLStats.batch_tensors(log_a, log_b, nonfinite, names)
+        sums, top, counts, group_sums, group_counts = KLStats.grouped_batch_tensors(
+            log_a, log_b, labels, self.num_groups or 0, self.nonfinite, names
+        )
         batch = {"sums": sums, "top_log_w": top, "counts": counts}
         if labels is not None:
-            batch["group_sums"] = {}
-            batch["group_counts"] = {}
-            for g, a, b in _group_batches(log_a, log_b, labels.to(log_a.device)):
-                batch["group_sums"][g], _, batch["group_counts"][g] = KLStats.batch_tensors(
-                    a, b, nonfinite
-                )
+            batch["group_sums"], batch["group_counts"] = group_sums, group_counts
         return batch
 
     def _add_sample_batch(self, prefix: str, batch: dict[str, Any]) -> None:
@@ -239,10 +221,7 @@ class _KLMetric(Metric):
             if key not in batch:
                 continue
             name = prefix + key
-            state = getattr(self, name).to(_F64).clone()
-            for g, value in batch[key].items():
-                state[g] += value
-            setattr(self, name, state)
+            setattr(self, name, getattr(self, name).to(_F64) + batch[key])
 
     def _stats(self, prefix: str) -> KLStats:
         return KLStats(
@@ -421,7 +400,7 @@ class MonteCarloKL(_KLMetric):
             labels = _check_groups(
                 groups, [tuple(log_a.shape)], self.num_groups, None, self.validate_args
             )
-        self._add_sample_batch("", self._sample_batch(log_a, log_b, labels, self.nonfinite))
+        self._add_sample_batch("", self._sample_batch(log_a, log_b, labels))
 
     def compute(self) -> KLResult:
         """The estimate over everything seen since the last reset (all ranks)."""
@@ -813,11 +792,10 @@ class SampledKL(_KLMetric):
                 self.validate_args, name="model_groups",
             )
         # compute both batches before storing either: a rejected batch adds nothing
-        ref_batch = self._sample_batch(log_p, log_q, labels, self.nonfinite, ("log_p", "log_q"))
+        ref_batch = self._sample_batch(log_p, log_q, labels, ("log_p", "log_q"))
         model_batch = (
             self._sample_batch(
-                model_log_q, model_log_p, model_labels, self.nonfinite,
-                ("model_log_q", "model_log_p"),
+                model_log_q, model_log_p, model_labels, ("model_log_q", "model_log_p"),
             )
             if has_model else None
         )

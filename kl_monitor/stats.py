@@ -265,6 +265,23 @@ class KLStats:
         torchmetrics classes both add its output to their state. ``names`` are the
         caller's argument names for ``log_a`` and ``log_b``, used in error messages.
         """
+        return KLStats.grouped_batch_tensors(log_a, log_b, None, 0, nonfinite, names)[:3]
+
+    @staticmethod
+    def grouped_batch_tensors(
+        log_a: torch.Tensor,
+        log_b: torch.Tensor,
+        groups: torch.Tensor | None,
+        num_groups: int,
+        nonfinite: str = "skip",
+        names: tuple[str, str] = ("log_a", "log_b"),
+    ) -> tuple[torch.Tensor, ...]:
+        """``batch_tensors`` plus per-group ``(num_groups, 2, 9)`` sums and ``(num_groups, 3)``
+        counters, from one pass over the samples.
+
+        ``groups`` holds a validated integer label in [0, num_groups) per sample (same
+        number of elements as ``log_a``); with ``None`` the last two outputs are empty.
+        """
         name_a, name_b = names
         check_nonfinite_mode(nonfinite)
         check_floating(name_a, log_a)
@@ -304,8 +321,9 @@ class KLStats:
         feats = torch.stack(
             (ones, ell, ell * ell, u, u * u, ell * u, w2, w2 * ell, w2 * ell * ell), dim=-1
         )
+        fold = _fold_of(ell)
         sums = torch.zeros(2, len(_COLUMNS), dtype=torch.float64, device=a.device)
-        sums.index_add_(0, _fold_of(ell), feats)
+        sums.index_add_(0, fold, feats)
         top = torch.full((TOP_K,), -math.inf, dtype=torch.float64, device=a.device)
         k = min(TOP_K, ell.numel())
         if k:
@@ -313,7 +331,18 @@ class KLStats:
         counts = torch.stack(
             (bad.sum(), support.sum(), clipped.sum())
         ).to(torch.float64)
-        return sums, top, counts
+        g = max(num_groups, 0)
+        group_sums = torch.zeros(g, 2, len(_COLUMNS), dtype=torch.float64, device=a.device)
+        group_counts = torch.zeros(g, 3, dtype=torch.float64, device=a.device)
+        if groups is not None:
+            labels = groups.reshape(-1).to(device=a.device, dtype=torch.long)
+            kept = labels[valid]
+            group_sums.view(2 * g, -1).index_add_(0, 2 * kept + fold, feats)
+            clipped_all = torch.zeros_like(bad)
+            clipped_all[valid] = clipped
+            flags = torch.stack((bad, support, clipped_all), dim=-1).to(torch.float64)
+            group_counts.index_add_(0, labels, flags)
+        return sums, top, counts, group_sums, group_counts
 
     @staticmethod
     def merge_top(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
