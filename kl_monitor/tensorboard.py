@@ -6,6 +6,7 @@ Scalars go through every Lightning logger; only these extras are TensorBoard-spe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -14,17 +15,22 @@ import torch
 __all__ = ["layout", "scalars"]
 
 DIRECTIONS = ("forward", "reverse")
+_PER_GROUP_DETAIL = re.compile(r"^(forward|reverse)_(stderr|n)/group_\d+$")
 
 
 def scalars(prefix: str, result: Mapping[str, float]) -> dict[str, float]:
     """Tags for one evaluation: ``<prefix>/<key>`` plus ±2-stderr bands per direction.
 
     Per-group row counts (``n/group_<g>``) are logged as ``mass/group_<g>``: the
-    fraction of held-out rows in the group.
+    fraction of held-out rows in the group. Per-group standard errors and sample
+    counts stay in the metric's result but are not logged: with many groups they
+    would triple the scalars written at every evaluation.
     """
     out: dict[str, float] = {}
     n_total = result.get("n", 0.0)
     for key, value in result.items():
+        if _PER_GROUP_DETAIL.match(key):
+            continue
         if key.startswith("n/group_"):
             share = value / n_total if n_total else 0.0
             out[f"{prefix}/mass/{key[2:]}"] = share
