@@ -729,8 +729,12 @@ class AlertRules:
         self.last_step = step
         fwd, fwd_se = _as_float(ev.forward), _as_float(ev.forward_stderr)
         rev, rev_se = _as_float(ev.reverse), _as_float(ev.reverse_stderr)
-        gf = _clean_groups("group_forward", ev.group_forward)
-        gr = _clean_groups("group_reverse", ev.group_reverse)
+        # A per-group value is a conditional mean of the log ratio, E_P[log p − log q | g]
+        # (reverse alike): negative when the model gives the group more than its share.
+        # A rise from below 0 back to 0 (a recovery elsewhere taking mass back) is no
+        # coverage gap, so the detectors see only the positive part.
+        gf = {g: max(x, 0.0) for g, x in _clean_groups("group_forward", ev.group_forward).items()}
+        gr = {g: max(x, 0.0) for g, x in _clean_groups("group_reverse", ev.group_reverse).items()}
         gc = _clean_groups("group_count", ev.group_count)
 
         updated: list[str] = []
