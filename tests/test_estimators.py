@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch.distributions import Categorical, MultivariateNormal, Normal, kl_divergence
 
-from kl_monitor import _utils, categorical_kl, iw_reverse_kl, mc_kl
+from kl_monitor import categorical_kl, iw_reverse_kl, mc_kl
 from kl_monitor.stats import MAX_LOG_WEIGHT
 
 METHODS = ("naive", "k3", "cv")
@@ -29,23 +29,7 @@ INF = float("inf")
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tests run thousands of tiny tensor ops. With intra-op threads on a loaded
-    # 2-core machine, the MKL/OpenMP hand-off makes some ops (log1p in the Pareto fit)
-    # hundreds of times slower; one thread keeps the runtime stable. Restored after.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    """warn_once remembers keys process-wide; forget them so each test sees its warning."""
-    _utils._WARNED.clear()
-    yield
-    _utils._WARNED.clear()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -60,13 +60,7 @@ FUZZ = settings(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # thousands of tiny tensor ops: intra-op threads only add hand-off latency
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -28,12 +28,7 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OFFSETS = {"same scale": 0.0, "offset +7": 7.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _case(dtype: torch.dtype, offset: float, seed: int = 0):

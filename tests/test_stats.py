@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from kl_monitor import KLStats, _utils, iw_reverse_kl, mc_kl, pareto_tail_index
+from kl_monitor import KLStats, iw_reverse_kl, mc_kl, pareto_tail_index
 from kl_monitor.stats import TOP_K
 
 METHODS = ("naive", "k3", "cv")
@@ -32,27 +32,12 @@ LIGHT = ("N(0.1,1)", "N(1,1)")
 HEAVY = "N(0,2^2)"  # w = q/p has tail index 0.75 under P: Var(w) = ∞
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 def true_forward_kl(mean: float, sd: float) -> float:
     """D(N(0,1) ‖ N(mean, sd²)) = ln sd + (1 + mean²)/(2 sd²) − ½."""
     return math.log(sd) + (1.0 + mean**2) / (2.0 * sd**2) - 0.5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Thousands of tiny tensor ops: with intra-op threads on a loaded 2-core machine the
-    # MKL/OpenMP hand-off makes some (log1p in the Pareto fit) hundreds of times slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings():
-    """warn_once remembers keys process-wide; forget them so each test sees its warning."""
-    _utils._WARNED.clear()
-    yield
-    _utils._WARNED.clear()
 
 
 def gaussian_repeats(repeats: int = REPEATS, n: int = N_PER_ESTIMATE, seed: int = 2024):
@@ -96,7 +81,7 @@ def gaussian_repeats(repeats: int = REPEATS, n: int = N_PER_ESTIMATE, seed: int 
 
 
 @pytest.fixture(scope="module")
-def repeats(_single_thread):
+def repeats(single_thread):
     return gaussian_repeats()
 
 
