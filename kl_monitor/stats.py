@@ -140,7 +140,10 @@ def _gpd_shape(x: np.ndarray) -> float:
     bs = bs / (prior * x[int(n / 4 + 0.5) - 1]) + 1.0 / x[-1]
     ks = np.log1p(-bs[:, None] * x).mean(axis=1)
     profile = n * (np.log(-bs / ks) - ks - 1.0)
-    weights = 1.0 / np.exp(profile[None, :] - profile[:, None]).sum(axis=1)
+    # exp overflows to inf for candidates far below the best: their weight is then
+    # exactly 0, as intended, so the overflow is not worth a warning to the user
+    with np.errstate(over="ignore"):
+        weights = 1.0 / np.exp(profile[None, :] - profile[:, None]).sum(axis=1)
     b = float((bs * weights).sum())
     k = float(np.log1p(-b * x).mean())
     return (k * n + prior * 0.5) / (n + prior)
