@@ -92,4 +92,7 @@ def test_categorical_fast():
         if r[2].startswith("categorical_kl") and not math.isnan(mem_ratio):
             assert mem_ratio <= 0.5, r  # chunked: bounded by a chunk, not rows × K
     assert "Targets (categorical_kl against the F.kl_div pair" in out
+    accuracy = table_rows(out, "| case | dtype | rows × K |")
+    assert [r[1] for r in accuracy] == ["float32", "bfloat16"]
+    assert "accuracy," not in out  # no accuracy target missed (load-independent)
     assert "All targets met." in out or "TARGETS MISSED" in out
