@@ -318,7 +318,44 @@ class _KLMetric(Metric):
 
 
 # --------------------------------------------------------------------------- MonteCarloKL
-class MonteCarloKL(_KLMetric):
+class _SampleMetric(_KLMetric):
+    """Configuration shared by the Monte Carlo metrics; states per name in ``_sample_sets``."""
+
+    _sample_sets: tuple[str, ...] = ("",)
+
+    def __init__(
+        self,
+        method: str = "cv",
+        nonfinite: str = "skip",
+        num_groups: int | None = None,
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+        check_nonfinite_mode(nonfinite)
+        self.method = method
+        self.nonfinite = nonfinite
+        self.num_groups = _check_num_groups(num_groups)
+        self.validate_args = validate_args
+        for prefix in self._sample_sets:
+            self._add_sample_states(prefix, self.num_groups)
+
+    def _labels(
+        self, groups: Tensor | None, like: Tensor, name: str, like_name: str
+    ) -> Tensor | None:
+        """Validated labels for samples shaped like ``like`` (None without groups)."""
+        _require_groups(self.num_groups, groups, name)
+        if groups is None:
+            return None
+        check_floating(like_name, like)
+        return _check_groups(
+            groups, [tuple(like.shape)], self.num_groups, None, self.validate_args, name=name
+        )
+
+
+class MonteCarloKL(_SampleMetric):
     r"""Monte Carlo D(A‖B) from samples x ~ A, exact across batches and ranks.
 
     With ℓ = log a(x) − log b(x) and w = b(x)/a(x), the per-sample terms are ℓ (``naive``),
@@ -373,33 +410,9 @@ class MonteCarloKL(_KLMetric):
 
     _plot_keys = ("kl",)
 
-    def __init__(
-        self,
-        method: str = "cv",
-        nonfinite: str = "skip",
-        num_groups: int | None = None,
-        validate_args: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-        check_nonfinite_mode(nonfinite)
-        self.method = method
-        self.nonfinite = nonfinite
-        self.num_groups = _check_num_groups(num_groups)
-        self.validate_args = validate_args
-        self._add_sample_states("", self.num_groups)
-
     def update(self, log_a: Tensor, log_b: Tensor, groups: Tensor | None = None) -> None:
         """Add samples x ~ A given log a(x) and log b(x) (same shape) and optional labels."""
-        _require_groups(self.num_groups, groups)
-        labels = None
-        if groups is not None:
-            check_floating("log_a", log_a)
-            labels = _check_groups(
-                groups, [tuple(log_a.shape)], self.num_groups, None, self.validate_args
-            )
+        labels = self._labels(groups, log_a, "groups", "log_a")
         self._add_sample_batch("", self._sample_batch(log_a, log_b, labels))
 
     def compute(self) -> KLResult:
@@ -674,7 +687,7 @@ class CategoricalKL(_KLMetric):
 
 
 # --------------------------------------------------------------------------- SampledKL
-class SampledKL(_KLMetric):
+class SampledKL(_SampleMetric):
     r"""Forward and reverse KL from samples, exact across batches and ranks.
 
     - **forward** D(P‖Q) from reference samples x ~ P with log p(x), log q(x): the
@@ -737,25 +750,7 @@ class SampledKL(_KLMetric):
     """
 
     _plot_keys = ("forward", "reverse")
-
-    def __init__(
-        self,
-        method: str = "cv",
-        nonfinite: str = "skip",
-        num_groups: int | None = None,
-        validate_args: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-        check_nonfinite_mode(nonfinite)
-        self.method = method
-        self.nonfinite = nonfinite
-        self.num_groups = _check_num_groups(num_groups)
-        self.validate_args = validate_args
-        self._add_sample_states("ref_", self.num_groups)
-        self._add_sample_states("model_", self.num_groups)
+    _sample_sets = ("ref_", "model_")
 
     def update(
         self,
@@ -776,21 +771,11 @@ class SampledKL(_KLMetric):
         has_model = model_log_q is not None
         if model_groups is not None and not has_model:
             raise ValueError("`model_groups` labels model samples, but none were passed.")
-        _require_groups(self.num_groups, groups)
-        if has_model:
-            _require_groups(self.num_groups, model_groups, "model_groups")
-        labels = model_labels = None
-        if groups is not None:
-            check_floating("log_p", log_p)
-            labels = _check_groups(
-                groups, [tuple(log_p.shape)], self.num_groups, None, self.validate_args
-            )
-        if model_groups is not None:
-            check_floating("model_log_q", model_log_q)
-            model_labels = _check_groups(
-                model_groups, [tuple(model_log_q.shape)], self.num_groups, None,
-                self.validate_args, name="model_groups",
-            )
+        labels = self._labels(groups, log_p, "groups", "log_p")
+        model_labels = (
+            self._labels(model_groups, model_log_q, "model_groups", "model_log_q")
+            if has_model else None
+        )
         # compute both batches before storing either: a rejected batch adds nothing
         ref_batch = self._sample_batch(log_p, log_q, labels, ("log_p", "log_q"))
         model_batch = (
