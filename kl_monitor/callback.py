@@ -29,7 +29,9 @@ from .metrics import CategoricalKL, SampledKL
 __all__ = ["KLMonitor", "KLAlertWarning", "KLMonitorWarning"]
 
 ALERT_KINDS = ("collapse", "coverage_gap", "over_dispersion")
-# Adaptive cadence: steps before the first timed interval, and the longest interval.
+# Adaptive cadence: the clock (a module attribute, so tests can drive it), steps before
+# the first timed interval, and the longest interval.
+_now = time.perf_counter
 _FIRST_INTERVAL = 10
 _MAX_INTERVAL = 10_000
 _HIST_VALUES = 4096
@@ -191,7 +193,7 @@ class _KLMonitorLogic:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # A resumed run already evaluated at its checkpoint step: only validate.
         resumed = self.n_evals > 0
-        started = time.perf_counter()
+        started = _now()
         try:
             self._run_evaluation(trainer, pl_module, 1 if resumed else self.max_batches)
         except Exception as err:
@@ -214,7 +216,7 @@ class _KLMonitorLogic:
             self._clock = None
             return
         self._finish_evaluation(trainer, pl_module, step=trainer.global_step, in_step=False)
-        self._eval_total += time.perf_counter() - started
+        self._eval_total += _now() - started
         step = trainer.global_step
         if self.every_n_train_steps is None:
             # the first interval only times the training steps; the sanity evaluation
@@ -223,26 +225,26 @@ class _KLMonitorLogic:
             self.next_eval_step = step + _FIRST_INTERVAL
         else:
             self.next_eval_step = self._next_step(trainer, step, None)
-        self._clock, self._clock_step = time.perf_counter(), step
+        self._clock, self._clock_step = _now(), step
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
         if self._clock is None:
-            self._clock, self._clock_step = time.perf_counter(), step
+            self._clock, self._clock_step = _now(), step
         if step < self.next_eval_step or step == self.last_eval_step:
             return
-        trained_until = time.perf_counter()
+        trained_until = _now()
         self._train_total += trained_until - self._clock
         per_step = (trained_until - self._clock) / max(step - self._clock_step, 1)
         if self._timing_only:
             self._timing_only = False
         else:
             self.evaluate(trainer, pl_module)
-            self._eval_total += time.perf_counter() - trained_until
+            self._eval_total += _now() - trained_until
         self.next_eval_step = self._next_step(trainer, step, per_step)
-        self._clock, self._clock_step = time.perf_counter(), step
+        self._clock, self._clock_step = _now(), step
 
     def _next_step(self, trainer: Any, step: int, per_step: float | None) -> int:
         """The step of the next evaluation.

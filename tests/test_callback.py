@@ -413,38 +413,44 @@ def test_inputs_fn_is_used_instead_of_method():
 
 
 # ---------------------------------------------------------------- cadence
-def _slow_inputs_run(budget: float, steps: int = 300):
-    import time as _time
+def _clocked_run(monkeypatch, budget: float, steps: int = 300):
+    """A run on a simulated clock: a training step takes 10 ms, an evaluation 200 ms."""
+    import kl_monitor.callback as cb
 
-    model = student_module("lightning.pytorch")
+    clock = [0.0]
+    monkeypatch.setattr(cb, "_now", lambda: clock[0])
+    pl = namespace()
+
+    class Tick(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock[0] += 0.010
 
     def slow(module, batch):
-        _time.sleep(0.02)  # an evaluation costs far more than a training step
+        clock[0] += 0.100  # two batches per evaluation
         (x,) = batch
         return KLInputs.from_logits(module.teacher(x), module(x))
 
+    model = student_module("lightning.pytorch")
     monitor = KLMonitor(
         train_data(64, dim=4), inputs_fn=slow, max_batches=2, overhead_budget=budget
     )
-    trainer(max_steps=steps, callbacks=[monitor]).fit(
+    trainer(max_steps=steps, callbacks=[Tick(), monitor]).fit(
         model, train_data(steps * 4, dim=4, batch_size=4)
     )
     return monitor
 
 
-def test_default_cadence_keeps_evaluation_within_the_overhead_budget():
-    # 40 ms per evaluation against a few ms per step: at a 2% budget the interval is
-    # hundreds of steps (more on a loaded machine, where steps are slower). The first
-    # 10 steps only time a training step (the sanity evaluation timed an evaluation).
-    tight = _slow_inputs_run(0.02)
-    # Intervals are predicted from the last interval's mean step time (ranks must agree
-    # in advance), so on a machine whose load changes step times an evaluation can come
-    # early: allow sanity + three, against ~25-45 at a 90% budget.
-    assert tight.n_evals <= 4
-    assert tight.next_eval_step - max(tight.last_eval_step, 10) >= 50
-    # a generous budget evaluates often
-    loose = _slow_inputs_run(0.9)
-    assert loose.n_evals >= 12 and loose.n_evals >= 3 * tight.n_evals
+def test_default_cadence_keeps_evaluation_within_the_overhead_budget(monkeypatch):
+    # 2% budget: the 0.2 s sanity evaluation is paid off after 10 s of training (1000
+    # steps), so nothing more runs in 300 steps; the first 10 steps only timed a step.
+    tight = _clocked_run(monkeypatch, 0.02)
+    assert tight.n_evals == 1 and tight.next_eval_step == 1000
+    assert tight._eval_total == pytest.approx(0.2)
+    # 50% budget: an evaluation every 40 steps (0.2 s = 0.5 × 40 × 10 ms), the first
+    # at step 30 (0.4 s of training pays for the sanity evaluation).
+    loose = _clocked_run(monkeypatch, 0.5)
+    assert loose.n_evals == 1 + len(range(30, 301, 40))
+    assert loose._eval_total <= 0.5 * loose._train_total + 0.2 + 1e-9
 
 
 def test_fixed_cadence_and_budget_validation():
