@@ -237,7 +237,9 @@ class _KLMonitorLogic:
             return
         trained_until = _now()
         self._train_total += trained_until - self._clock
-        per_step = (trained_until - self._clock) / max(step - self._clock_step, 1)
+        # no step timed yet (an evaluation due right after a resume): start over
+        steps = step - self._clock_step
+        per_step = (trained_until - self._clock) / steps if steps > 0 else None
         if self._timing_only:
             self._timing_only = False
         else:

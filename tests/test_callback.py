@@ -457,3 +457,27 @@ def test_fixed_cadence_and_budget_validation():
     assert KLMonitor(every_n_train_steps=7).every_n_train_steps == 7
     with pytest.raises(ValueError, match="overhead_budget"):
         KLMonitor(overhead_budget=1.5)
+
+
+def test_adaptive_interval_right_after_resume_is_not_stretched(monkeypatch):
+    import kl_monitor.callback as cb
+
+    monkeypatch.setattr(cb, "_now", lambda: 100.0)
+    monitor = KLMonitor()
+    state = dict(monitor.state_dict(), n_evals=3, last_eval_step=40, next_eval_step=41)
+    monitor.load_state_dict(state)  # resumed: on_fit_start leaves the clock unset
+    monitor.evaluate = lambda trainer, module: None
+
+    class Strategy:
+        @staticmethod
+        def broadcast(obj, src=0):
+            return obj
+
+    class Trainer:
+        global_step = 41
+        strategy = Strategy()
+
+    monitor.on_train_batch_end(Trainer(), None, None, None, 0)
+    # no training step was timed since the resume: the first interval again, not the
+    # 10,000-step maximum a zero step time would give
+    assert monitor.next_eval_step == 41 + cb._FIRST_INTERVAL
