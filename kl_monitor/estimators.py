@@ -268,6 +268,30 @@ def categorical_kl_rows(
     return fwd, rev, hp, hq, valid.reshape(lead)
 
 
+def kept_rows(
+    valid: torch.Tensor, counted: torch.Tensor, nonfinite: str
+) -> tuple[torch.Tensor, int]:
+    """Rows to keep (counted and valid) and how many counted rows were invalid.
+
+    Invalid rows (NaN or +inf logits, or all −inf) are rejected with ``nonfinite="raise"``
+    or dropped with one warning with ``"skip"``. Shared by :func:`categorical_kl` and the
+    ``CategoricalKL`` metric.
+    """
+    n_bad = int((counted & ~valid).sum())
+    if n_bad:
+        if nonfinite == "raise":
+            raise ValueError(
+                f"{n_bad} rows have NaN or +inf logits, or all logits -inf. "
+                "Pass nonfinite='skip' to drop them."
+            )
+        warn_once(
+            "categorical_nonfinite",
+            "kl_monitor: rows with NaN/+inf logits (or all -inf) were dropped; "
+            "counted in `nonfinite`. This warning is shown once.",
+        )
+    return valid & counted, n_bad
+
+
 def categorical_kl(
     logits_p: torch.Tensor,
     logits_q: torch.Tensor,
@@ -357,21 +381,9 @@ def categorical_kl(
                 f"got {tuple(mask.shape)}."
             )
     fwd, rev, hp, hq, valid = categorical_kl_rows(logits_p, logits_q, chunk_rows=chunk_rows)
-    keep = valid if mask is None else valid & mask.to(valid.device)
     # every unmasked row counts: a non-finite row without a mask must still be reported
     counted = torch.ones_like(valid) if mask is None else mask.to(valid.device)
-    n_bad = int((counted & ~valid).sum())
-    if n_bad:
-        if nonfinite == "raise":
-            raise ValueError(
-                f"{n_bad} rows have NaN or +inf logits, or all logits -inf. "
-                "Pass nonfinite='skip' to drop them."
-            )
-        warn_once(
-            "categorical_nonfinite",
-            "kl_monitor: rows with NaN/+inf logits (or all -inf) were dropped; "
-            "counted in `nonfinite`. This warning is shown once.",
-        )
+    keep, n_bad = kept_rows(valid, counted, nonfinite)
     zero = torch.zeros((), dtype=fwd.dtype, device=fwd.device)
     fwd, rev = torch.where(keep, fwd, zero), torch.where(keep, rev, zero)
     hp, hq = torch.where(keep, hp, zero), torch.where(keep, hq, zero)

@@ -31,8 +31,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
-from ._utils import check_floating, check_nonfinite_mode, check_same_shape, warn_once
-from .estimators import categorical_kl_rows
+from ._utils import check_floating, check_nonfinite_mode, check_same_shape
+from .estimators import categorical_kl_rows, kept_rows
 from .stats import LU, METHODS, NONFINITE, SUPPORT, TOP_K, WW, WWL, WWLL, KLEstimate, KLStats, U
 from .stats import L as _L
 from .stats import N as _N
@@ -605,19 +605,7 @@ class CategoricalKL(_KLMetric):
             labels = labels.to(valid.device)
             if not seq and not per_row:  # one label per sequence, broadcast over positions
                 labels = labels.unsqueeze(-1).expand(lead)
-        keep = valid & counted
-        n_bad = int((counted & ~valid).sum())
-        if n_bad:
-            if self.nonfinite == "raise":
-                raise ValueError(
-                    f"{n_bad} rows have NaN or +inf logits, or all logits -inf. "
-                    "Pass nonfinite='skip' to drop them."
-                )
-            warn_once(
-                "categorical_nonfinite",
-                "kl_monitor: rows with NaN/+inf logits (or all -inf) were dropped; "
-                "counted in `nonfinite`. This warning is shown once.",
-            )
+        keep, n_bad = kept_rows(valid, counted, self.nonfinite)
         zero = torch.zeros((), dtype=_F64, device=valid.device)
         f = torch.where(keep, fwd.to(_F64), zero)
         r = torch.where(keep, rev.to(_F64), zero)
