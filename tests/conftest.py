@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
 import pytest
 import torch
 
@@ -27,3 +33,20 @@ def fresh_warnings():
     _utils._WARNED.clear()
     yield
     _utils._WARNED.clear()
+
+
+@contextlib.contextmanager
+def global_state_restored() -> Iterator[None]:
+    """The demo seeds the global RNGs (``seed_everything``); give other tests theirs back."""
+    env = os.environ.get("PL_GLOBAL_SEED")
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)  # noqa: NPY002
+            if env is None:
+                os.environ.pop("PL_GLOBAL_SEED", None)
+            else:
+                os.environ["PL_GLOBAL_SEED"] = env

@@ -12,14 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import random
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from conftest import global_state_restored
 
 from demo_project import run as demo
 from kl_monitor import KLAlertWarning
@@ -32,30 +29,13 @@ MODES = 8
 DROPPED_SHARE = 0.02
 
 
-@contextlib.contextmanager
-def _global_state_restored():
-    """The demo seeds the global RNGs (``seed_everything``); give other tests theirs back."""
-    env = os.environ.get("PL_GLOBAL_SEED")
-    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
-    with torch.random.fork_rng():
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)  # noqa: NPY002
-            if env is None:
-                os.environ.pop("PL_GLOBAL_SEED", None)
-            else:
-                os.environ["PL_GLOBAL_SEED"] = env
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Run the demo once (both objectives); return its out dir, stdout and warnings."""
     out = tmp_path_factory.mktemp("demo")
     stdout = io.StringIO()
     with (
-        _global_state_restored(),
+        global_state_restored(),
         warnings.catch_warnings(record=True) as caught,
         contextlib.redirect_stdout(stdout),
     ):

@@ -16,9 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from conftest import global_state_restored
 
 from demo_project import run as demo
 from kl_monitor import cli
@@ -28,29 +27,12 @@ RUNS = ("forward_kl_training", "reverse_kl_training")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@contextlib.contextmanager
-def _global_state_restored():
-    """The demo seeds the global RNGs (``seed_everything``); give other tests theirs back."""
-    env = os.environ.get("PL_GLOBAL_SEED")
-    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
-    with torch.random.fork_rng():
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)  # noqa: NPY002
-            if env is None:
-                os.environ.pop("PL_GLOBAL_SEED", None)
-            else:
-                os.environ["PL_GLOBAL_SEED"] = env
-
-
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory) -> Path:
     """The demo's logs: a forward run without alert, a reverse run with a collapse alert."""
     out = tmp_path_factory.mktemp("demo_logs")
     with (
-        _global_state_restored(),
+        global_state_restored(),
         warnings.catch_warnings(),
         contextlib.redirect_stdout(io.StringIO()),
     ):
