@@ -16,7 +16,7 @@ n = 1024 held-out samples of P (drawn once per run and reused, as the monitor re
 its held-out loader; ``--fresh-held-out`` draws new ones each evaluation) with their
 mode as group label, n = 1024 fresh samples of Q labelled with their nearest mode,
 ``SampledKL(method="cv", num_groups=8)`` over both, then
-``kl_monitor.callback._evaluation`` and ``AlertRules().update`` (default rules).
+``Evaluation.from_result`` and ``AlertRules().update`` (default rules).
 
 Baseline: the obvious alternative, a fixed threshold τ on the naive (k1) forward KL
 ``mc_kl(log_p, log_q, "naive")`` of the same held-out samples, armed after a warm-up as
@@ -60,8 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demo_project, kl
 
 import kl_monitor  # noqa: E402
 from demo_project.ring import Ring  # noqa: E402
-from kl_monitor import AlertRules, mc_kl  # noqa: E402
-from kl_monitor.callback import _evaluation  # noqa: E402
+from kl_monitor import AlertRules, Evaluation, mc_kl  # noqa: E402
 from kl_monitor.metrics import SampledKL  # noqa: E402
 
 F64 = torch.float64
@@ -143,8 +142,8 @@ def simulate(seed: int, collapse: bool, args: argparse.Namespace) -> Run:
             groups=x_mode,
             model_groups=torch.cdist(y, MEANS).argmin(1),
         )
-        result = {k: float(v) for k, v in metric.compute().items()}
-        run.alerts += [(t, a) for a in rules.update(_evaluation((t + 1) * EVERY, result))]
+        evaluation = Evaluation.from_result((t + 1) * EVERY, metric.compute())
+        run.alerts += [(t, a) for a in rules.update(evaluation)]
         run.naive_forward.append(mc_kl(log_p_held, log_q, "naive").value)
     return run
 

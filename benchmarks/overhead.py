@@ -71,7 +71,7 @@ import kl_monitor  # noqa: E402
 from demo_project.ring import Ring  # noqa: E402
 from demo_project.run import MixtureFit  # noqa: E402
 from kl_monitor import KLMonitor  # noqa: E402
-from kl_monitor.callback import _eval_mode  # noqa: E402
+from kl_monitor.evaluator import _eval_mode  # noqa: E402
 
 TARGET = 1.03
 TRAIN_BATCH = 256  # the demo's training batch
@@ -231,19 +231,18 @@ def breakdown(run: dict, data: Data, repeats: int) -> dict[str, float]:
 # Hot spots: (label, filename suffix, function name); cumulative time from cProfile.
 HOT = (
     ("KLMonitor.evaluate", "kl_monitor/callback.py", "evaluate"),
-    ("  _run_evaluation (accumulate 8 batches)", "kl_monitor/callback.py", "_run_evaluation"),
+    ("  Evaluator.accumulate (8 batches)", "kl_monitor/evaluator.py", "accumulate"),
     ("    held-out DataLoader __next__", "torch/utils/data/dataloader.py", "__next__"),
     ("      TensorDataset.__getitem__ (per row)", "torch/utils/data/dataset.py", "__getitem__"),
     ("      default_collate", "torch/utils/data/_utils/collate.py", "default_collate"),
     ("    MixtureFit.kl_inputs (user model)", "demo_project/run.py", "kl_inputs"),
-    ("    SampledKL.update", "kl_monitor/metrics.py", "update"),
+    ("    SampledKL.update_from", "kl_monitor/metrics.py", "update_from"),
     ("      KLStats.batch_tensors (all calls)", "kl_monitor/stats.py", "batch_tensors"),
     ("      _fold_of (hash folds)", "kl_monitor/stats.py", "_fold_of"),
     ("      _group_batches (split by group)", "kl_monitor/metrics.py", "_group_batches"),
     ("      _add_sample_batch (state adds)", "kl_monitor/metrics.py", "_add_sample_batch"),
-    ("    _metric_for (metric.to(device))", "kl_monitor/callback.py", "_metric_for"),
-    ("    _histogram_values", "kl_monitor/callback.py", "_histogram_values"),
-    ("  _finish_evaluation (compute, rules, log)", "kl_monitor/callback.py", "_finish_evaluation"),
+    ("    _metric_for (metric.to(device))", "kl_monitor/evaluator.py", "_metric_for"),
+    ("  _finish (compute, rules, log)", "kl_monitor/callback.py", "_finish"),
     ("    SampledKL.compute", "kl_monitor/metrics.py", "compute"),
     ("    AlertRules.update", "kl_monitor/detectors.py", "update"),
     ("    tensorboard.write_extras", "kl_monitor/tensorboard.py", "write_extras"),

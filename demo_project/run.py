@@ -96,13 +96,13 @@ def train(objective: str, out: Path, steps: int, every: int, seed: int, progress
         torch.manual_seed(seed + 1)
         samples = model.q.sample(4000)
     covered, quality = ring.modes_covered(samples)
-    last = monitor.last_result
+    last = monitor.last_evaluation  # the typed result of the last evaluation
     return {
         "objective": objective,
-        "forward": last["kl/forward"],
-        "forward_stderr": last["kl/forward_stderr"],
-        "reverse": last["kl/reverse"],
-        "reverse_stderr": last["kl/reverse_stderr"],
+        "forward": last.forward.value,
+        "forward_stderr": last.forward.stderr,
+        "reverse": last.reverse.value,
+        "reverse_stderr": last.reverse.stderr,
         "alerts": alerts,
         "modes_covered": covered,
         "high_quality": quality,

@@ -7,7 +7,7 @@ look at both.
 """
 
 from .callback import KLAlertWarning, KLMonitor, KLMonitorWarning
-from .detectors import Alert, AlertRules, CusumDetector, Evaluation
+from .detectors import ALERT_KINDS, Alert, AlertRules, CusumDetector, Evaluation
 from .estimators import (
     CategoricalKLResult,
     categorical_kl,
@@ -15,19 +15,32 @@ from .estimators import (
     iw_reverse_kl,
     mc_kl,
 )
-from .inputs import KLInputs
-from .metrics import CategoricalKL, KLResult, MonteCarloKL, SampledKL
+from .inputs import INPUT_KINDS, KLInputs
+from .metrics import CategoricalKL, MonteCarloKL, SampledKL
+from .results import (
+    CategoricalResult,
+    DirectionEstimate,
+    GroupEstimate,
+    KLResult,
+    MonteCarloResult,
+    SampledResult,
+)
 from .stats import IWEstimate, KLEstimate, KLStats, pareto_tail_index
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALERT_KINDS",
+    "INPUT_KINDS",
     "Alert",
     "AlertRules",
     "CategoricalKL",
     "CategoricalKLResult",
+    "CategoricalResult",
     "CusumDetector",
+    "DirectionEstimate",
     "Evaluation",
+    "GroupEstimate",
     "IWEstimate",
     "KLAlertWarning",
     "KLEstimate",
@@ -37,7 +50,9 @@ __all__ = [
     "KLResult",
     "KLStats",
     "MonteCarloKL",
+    "MonteCarloResult",
     "SampledKL",
+    "SampledResult",
     "categorical_kl",
     "categorical_kl_rows",
     "iw_reverse_kl",

@@ -55,3 +55,42 @@ def check_nonfinite_mode(nonfinite: str) -> None:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half types and float32, float64 for float64: never below float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_logits(
+    name_p: str, logits_p: object, name_q: str, logits_q: object, mask: object = None
+) -> tuple[int, ...]:
+    """Validate two logits tensors ``(..., K)`` and an optional bool mask ``(...)``.
+
+    The one check of categorical inputs, shared by ``KLInputs.from_logits`` and
+    ``CategoricalKL.update``. Returns the leading shape (the logits' shape without K).
+    """
+    p = check_floating(name_p, logits_p)
+    q = check_floating(name_q, logits_q)
+    if p.dim() == 0 or q.dim() == 0:
+        raise ValueError(
+            "logits must have shape (..., K) with the K classes last, got scalars "
+            f"{tuple(p.shape)} and {tuple(q.shape)}."
+        )
+    if p.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"`{name_p}` has {p.shape[-1]} classes and `{name_q}` has {q.shape[-1]} (shapes "
+            f"{tuple(p.shape)} and {tuple(q.shape)}); both must have the same shape (..., K), "
+            "over the same K classes on the last axis."
+        )
+    check_same_shape(name_p, p, name_q, q)
+    if p.numel() == 0:
+        raise ValueError(f"logits are empty (shape {tuple(p.shape)}).")
+    lead = tuple(p.shape[:-1])
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                "`mask` must be a bool tensor (True = counted row), got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)}."
+            )
+        if tuple(mask.shape) != lead:
+            raise ValueError(
+                f"`mask` must have the logits' shape without the class axis, {lead}, "
+                f"got {tuple(mask.shape)}."
+            )
+    return lead

@@ -114,10 +114,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .diagnosis import (
+    ALERT_KINDS,
+    Evidence,
+    Reading,
+    SeriesKey,
+    alert_details,
+    alert_message,
+    classify,
+    series_name,
+)
+
 __all__ = ["ALERT_KINDS", "Alert", "AlertRules", "CusumDetector", "Evaluation"]
 
-#: The alert kinds, in DESIGN §4 order.
-ALERT_KINDS: tuple[str, ...] = ("collapse", "coverage_gap", "over_dispersion")
 
 #: Standardised values are clipped here so that +inf (a support violation) is an
 #: extreme rise that still leaves every stored number finite.
@@ -127,18 +136,6 @@ Z_MAX = 1e6
 #: detector that the jump is normal. (Truncating N(0, 1) at 3 shifts its mean by
 #: only −0.004.)
 Z_LEARN = 3.0
-#: A rise counts as supporting evidence for the explanation (not as a trigger) at
-#: this z: lower than the CUSUM's bar because it only picks between explanations.
-Z_EXPLAIN = 2.0
-#: A group whose forward KL rose is losing its mode (collapse rather than a
-#: coverage gap) when its share of the mass fell to MASS_LOSS_RATIO of its baseline
-#: share, or fell to MASS_SHIFT_RATIO and the lost mass explains at least half of
-#: the rise: a mode's forward KL is ln(p_g/w_g) + (misfit within the mode), so mass
-#: moving away shows as ln(1/ratio), while a coverage gap is misfit with the mass kept.
-MASS_LOSS_RATIO = 0.5
-MASS_SHIFT_RATIO = 0.8
-#: Groups named in an alert: the fewest that carry this share of the weighted rise.
-NAME_SHARE = 0.9
 #: Scale floor relative to |baseline|, so a perfectly constant series cannot divide
 #: by zero; min_effect then decides.
 _REL_FLOOR = 1e-12
@@ -257,6 +254,53 @@ class Evaluation:
     group_reverse: dict[int, float] | None = None
     group_count: dict[int, float] | None = None
 
+    @classmethod
+    def from_result(cls, step: int, result: Any) -> Evaluation:
+        """The detectors' view of a metric's typed result (both directions).
+
+        ``result`` is a ``CategoricalResult`` or a ``SampledResult`` (any object with
+        ``forward``/``reverse`` estimates, ``group_forward``/``group_reverse`` and
+        ``group_weights()``); ``group_count`` is what ``group_weights()`` says it is:
+        the reference's rows per group for logits, the model's mass for samples.
+        """
+        f, r = result.forward, result.reverse
+        weights = result.group_weights()
+        return cls(
+            step=step, forward=f.value, forward_stderr=f.stderr,
+            reverse=r.value, reverse_stderr=r.stderr,
+            entropy_model=getattr(result, "entropy_model", None),
+            entropy_reference=getattr(result, "entropy_reference", None),
+            group_forward={g: e.value for g, e in result.group_forward.items()} or None,
+            group_reverse={g: e.value for g, e in result.group_reverse.items()} or None,
+            group_count=weights or None,
+        )  # fmt: skip
+
+
+_DETECTOR_CONFIG = ("k", "h", "warmup", "min_effect", "rearm", "h_fall", "memory")
+_DETECTOR_STATE = (
+    "statistic", "armed", "baseline", "noise", "_fall", "_warm", "_warm_se", "_n_base",
+    "_se_ctrl", "_inc_mean", "_inc_var", "_n_inc", "_prev", "_was_in_control", "_calm",
+    "n_updates",
+)  # fmt: skip
+
+
+def _increments(values: list[float]) -> tuple[float, float, int] | None:
+    """Mean, variance and count of the increments of ``values`` (None without any)."""
+    inc = [b - a for a, b in zip(values[:-1], values[1:], strict=False)]
+    if len(inc) >= 2:
+        m = sum(inc) / len(inc)
+        return m, sum((d - m) ** 2 for d in inc) / (len(inc) - 1), len(inc)
+    if inc:  # one increment: no way to separate trend from noise; count it all
+        return 0.0, inc[0] ** 2, 1
+    return None
+
+
+def _check_version(name: str, d: Mapping[str, Any]) -> None:
+    if d.get("version") != _STATE_VERSION:
+        raise ValueError(
+            f"unsupported {name} state version {d.get('version')!r}, expected {_STATE_VERSION}."
+        )
+
 
 class CusumDetector:
     """One-sided upward CUSUM on a standardised series, with a learned baseline.
@@ -359,38 +403,23 @@ class CusumDetector:
     def warmed_up(self) -> bool:
         return self.baseline is not None
 
-    _CONFIG = ("k", "h", "warmup", "min_effect", "rearm", "h_fall", "memory")
-    _STATE = (
-        "statistic", "armed", "baseline", "noise", "_fall", "_warm", "_warm_se", "_n_base",
-        "_se_ctrl", "_inc_mean", "_inc_var", "_n_inc", "_prev", "_was_in_control", "_calm",
-        "n_updates",
-    )  # fmt: skip
-
     def state_dict(self) -> dict:
         """Everything needed to continue, as plain Python types (JSON-safe, finite)."""
         d: dict[str, Any] = {"version": _STATE_VERSION}
-        d["config"] = {name: getattr(self, name) for name in self._CONFIG}
-        for name in self._STATE:
+        d["config"] = {name: getattr(self, name) for name in _DETECTOR_CONFIG}
+        for name in _DETECTOR_STATE:
             value = getattr(self, name)
             d[name.lstrip("_")] = list(value) if isinstance(value, list) else value
         return d
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Restore from ``state_dict``; the configuration is restored too."""
-        if d.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"unsupported CusumDetector state version {d.get('version')!r}, "
-                f"expected {_STATE_VERSION}."
-            )
+        _check_version("CusumDetector", d)
         cfg = d["config"]
-        fresh = CusumDetector(
-            cfg["k"], cfg["h"], cfg["warmup"], cfg["min_effect"],
-            rearm=cfg["rearm"], h_fall=cfg["h_fall"], memory=cfg["memory"],
-        )  # fmt: skip
-        for name in self._CONFIG:
-            setattr(self, name, getattr(fresh, name))
-        self._reset()
-        for name in self._STATE:
+        args = (cfg["k"], cfg["h"], cfg["warmup"], cfg["min_effect"])
+        keywords = {name: cfg[name] for name in ("rearm", "h_fall", "memory")}
+        self.__dict__.update(CusumDetector(*args, **keywords).__dict__)
+        for name in _DETECTOR_STATE:
             value = d[name.lstrip("_")]
             setattr(self, name, list(value) if isinstance(value, list) else value)
 
@@ -438,16 +467,10 @@ class CusumDetector:
 
     def _learn_noise_from(self, values: list[float]) -> None:
         """τ from the mean-centred increments of ``values`` (a linear trend is not noise)."""
-        inc = [b - a for a, b in zip(values[:-1], values[1:], strict=False)]
-        if len(inc) >= 2:
-            m = sum(inc) / len(inc)
-            var = sum((d - m) ** 2 for d in inc) / (len(inc) - 1)
-        elif inc:  # one increment: no way to separate trend from noise; count it all
-            m, var = 0.0, inc[0] ** 2
-        else:
-            return
-        self._inc_mean, self._inc_var, self._n_inc = m, var, len(inc)
-        self.noise = math.sqrt(var / 2.0)
+        learned = _increments(values)
+        if learned is not None:
+            self._inc_mean, self._inc_var, self._n_inc = learned
+            self.noise = math.sqrt(self._inc_var / 2.0)
 
     def _scale(self, s: float) -> float:
         assert self.baseline is not None and self.noise is not None
@@ -554,14 +577,6 @@ def _clean_groups(name: str, d: Mapping[Any, Any] | None) -> dict[int, float]:
     return out
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
-    if x is None:
-        return "n/a"
-    if x == math.inf:
-        return "inf"
-    return f"{x:.{digits}f}"
-
-
 class AlertRules:
     """The alert engine the callback calls once per evaluation.
 
@@ -637,7 +652,8 @@ class AlertRules:
         self._mass_base: dict[int, float] = {}  # baseline share of the rows per group
         self._mass_n = 0
         self._kind_armed = {kind: True for kind in ALERT_KINDS}
-        self._kind_series: dict[str, list[str]] = {kind: [] for kind in ALERT_KINDS}
+        # the series that contributed to each kind's open episode
+        self._kind_series: dict[str, list[SeriesKey]] = {kind: [] for kind in ALERT_KINDS}
         self.n_evaluations = 0
         self.last_step: int | None = None
 
@@ -647,14 +663,14 @@ class AlertRules:
             h += math.log(n_groups) / (2.0 * max(self.k, 0.25))
         return CusumDetector(self.k, h, self.warmup, self.min_effect, rearm=min(self.rearm, h / 2))
 
-    def _series(self, key: str) -> CusumDetector | None:
-        if key == "forward":
-            return self.forward
-        if key == "reverse":
-            return self.reverse
-        name, g = key.rsplit(":", 1)
-        table = self.group_forward if name == "group_forward" else self.group_reverse
-        return table.get(int(g))
+    def _table(self, direction: str) -> dict[int, CusumDetector]:
+        return self.group_forward if direction == "forward" else self.group_reverse
+
+    def _series(self, key: SeriesKey) -> CusumDetector | None:
+        direction, group = key
+        if group is None:
+            return self.forward if direction == "forward" else self.reverse
+        return self._table(direction).get(group)
 
     # -- state -------------------------------------------------------------------------
 
@@ -678,18 +694,16 @@ class AlertRules:
             "mass_base": [[g, m] for g, m in self._mass_base.items()],
             "mass_n": self._mass_n,
             "kind_armed": dict(self._kind_armed),
-            "kind_series": {kind: list(v) for kind, v in self._kind_series.items()},
+            "kind_series": {
+                kind: [series_name(key) for key in v] for kind, v in self._kind_series.items()
+            },
             "n_evaluations": self.n_evaluations,
             "last_step": self.last_step,
         }
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Restore from ``state_dict`` (configuration included)."""
-        if d.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"unsupported AlertRules state version {d.get('version')!r}, "
-                f"expected {_STATE_VERSION}."
-            )
+        _check_version("AlertRules", d)
         fresh = AlertRules(**d["config"])  # validates the configuration
         self.__dict__.update(fresh.__dict__)
 
@@ -705,7 +719,9 @@ class AlertRules:
         self._mass_base = {int(g): float(m) for g, m in d["mass_base"]}
         self._mass_n = int(d["mass_n"])
         self._kind_armed = {kind: bool(d["kind_armed"][kind]) for kind in ALERT_KINDS}
-        self._kind_series = {kind: list(d["kind_series"][kind]) for kind in ALERT_KINDS}
+        self._kind_series = {
+            kind: [_series_key(name) for name in d["kind_series"][kind]] for kind in ALERT_KINDS
+        }
         self.n_evaluations = int(d["n_evaluations"])
         self.last_step = d["last_step"]
 
@@ -719,57 +735,27 @@ class AlertRules:
 
         Returns:
             The new alerts: at most one per evaluation, of the kind that best
-            explains the evidence, and only if that kind is armed and listed in
-            ``kinds``. Usually empty.
+            explains the evidence (``diagnosis.classify``), and only if that kind is
+            armed and listed in ``kinds``. Usually empty.
         """
         if not isinstance(ev, Evaluation):
             raise TypeError(f"`ev` must be an Evaluation, got {type(ev).__name__}.")
         step = int(ev.step)
         self.n_evaluations += 1
         self.last_step = step
-        fwd, fwd_se = _as_float(ev.forward), _as_float(ev.forward_stderr)
-        rev, rev_se = _as_float(ev.reverse), _as_float(ev.reverse_stderr)
-        # A per-group value is a conditional mean of the log ratio, E_P[log p − log q | g]
-        # (reverse alike): negative when the model gives the group more than its share.
-        # A rise from below 0 back to 0 (a recovery elsewhere taking mass back) is no
-        # coverage gap, so the detectors see only the positive part.
-        gf = {g: max(x, 0.0) for g, x in _clean_groups("group_forward", ev.group_forward).items()}
-        gr = {g: max(x, 0.0) for g, x in _clean_groups("group_reverse", ev.group_reverse).items()}
-        gc = _clean_groups("group_count", ev.group_count)
-
-        updated: list[str] = []
-        if fwd is not None:
-            self.forward.update(fwd, fwd_se)
-            updated.append("forward")
-        if rev is not None:
-            self.reverse.update(rev, rev_se)
-            updated.append("reverse")
-
-        n_groups = len(set(gf) | set(gr))
-        share = self._shares(gc, set(gf) | set(gr))
-        for name, values, table, se in (
-            ("group_forward", gf, self.group_forward, fwd_se),
-            ("group_reverse", gr, self.group_reverse, rev_se),
-        ):
-            for g, x in values.items():
-                det = table.get(g)
-                if det is None:
-                    det = table[g] = self._detector(n_groups)
-                det.update(x, self._group_stderr(g, se, n_groups))
-                updated.append(f"{name}:{g}")
-        # Detectors not updated this time carry no current evidence.
-        fresh = {key: det for key in updated if (det := self._series(key)) is not None}
-
+        fresh, share = self._feed(ev)
         significant = [key for key, det in fresh.items() if det.significant]
         alerts: list[Alert] = []
         if significant:
-            kind, alert = self._explain(step, fresh, significant, ev, share)
+            evidence = _evidence(self, step, ev, fresh, share)
+            diagnosis = classify(evidence)
+            kind = diagnosis.kind
             series = self._kind_series[kind]
             series.extend(key for key in significant if key not in series)
             if self._kind_armed[kind]:
                 self._kind_armed[kind] = False
                 if kind in self.kinds:
-                    alerts.append(alert)
+                    alerts.append(_alert(diagnosis, evidence))
         # A kind re-arms once every series that contributed to it has re-armed.
         for kind in ALERT_KINDS:
             if not self._kind_armed[kind]:
@@ -782,16 +768,39 @@ class AlertRules:
             self._learn_mass(share)
         return alerts
 
-    # -- helpers -------------------------------------------------------------------------
+    def _feed(self, ev: Evaluation) -> tuple[dict[SeriesKey, CusumDetector], dict[int, float]]:
+        """Update every series ``ev`` has a value for; returns them (in update order)
+        and the current share of mass per group."""
+        fwd_se, rev_se = _as_float(ev.forward_stderr), _as_float(ev.reverse_stderr)
+        # A per-group value is a conditional mean of the log ratio, E_P[log p − log q | g]
+        # (reverse alike): negative when the model gives the group more than its share.
+        # A rise from below 0 back to 0 (a recovery elsewhere taking mass back) is no
+        # coverage gap, so the detectors see only the positive part.
+        gf = {g: max(x, 0.0) for g, x in _clean_groups("group_forward", ev.group_forward).items()}
+        gr = {g: max(x, 0.0) for g, x in _clean_groups("group_reverse", ev.group_reverse).items()}
+        gc = _clean_groups("group_count", ev.group_count)
+        updated: list[SeriesKey] = []
+        globals_ = (("forward", ev.forward, fwd_se), ("reverse", ev.reverse, rev_se))
+        for direction, value, se in globals_:
+            x = _as_float(value)
+            if x is not None:
+                self._series((direction, None)).update(x, se)  # type: ignore[union-attr]
+                updated.append((direction, None))
+        n_groups = len(set(gf) | set(gr))
+        share = _shares(gc, set(gf) | set(gr))
+        for direction, values, se in (("forward", gf, fwd_se), ("reverse", gr, rev_se)):
+            table = self._table(direction)
+            for g, x in values.items():
+                det = table.get(g)
+                if det is None:
+                    det = table[g] = self._detector(n_groups)
+                det.update(x, self._group_stderr(g, se, n_groups))
+                updated.append((direction, g))
+        # Detectors not updated this time carry no current evidence.
+        fresh = {key: det for key in updated if (det := self._series(key)) is not None}
+        return fresh, share
 
-    @staticmethod
-    def _shares(counts: dict[int, float], groups: set[int]) -> dict[int, float]:
-        """Share of the rows per group (absent groups count 0), or {} without counts."""
-        pos = {g: c for g, c in counts.items() if _finite(c) and c > 0}
-        total = sum(pos.values())
-        if total <= 0:
-            return {}
-        return {g: pos.get(g, 0.0) / total for g in set(counts) | groups}
+    # -- helpers -------------------------------------------------------------------------
 
     def _learn_mass(self, share: dict[int, float]) -> None:
         n = min(self._mass_n + 1, self.forward.memory)
@@ -811,218 +820,46 @@ class AlertRules:
         pi = self._mass_base.get(g) or 1.0 / max(n_groups, 1)
         return se / math.sqrt(max(pi, 1e-6))
 
-    @staticmethod
-    def _rose(det: CusumDetector | None, min_effect: float) -> bool:
-        """Significant, or a clear (z ≥ 2, ≥ min_effect) rise: evidence for a kind."""
-        if det is None or det.last_z is None or det.last_effect is None:
-            return False
-        return det.significant or (det.last_z >= Z_EXPLAIN and det.last_effect >= min_effect)
 
-    @staticmethod
-    def _losing(ratio: float | None, det: CusumDetector) -> bool:
-        """Whether a group whose forward KL rose is losing its model mass."""
-        if ratio is None:
-            return False
-        if ratio <= MASS_LOSS_RATIO:
-            return True
-        rise = det.last_effect or 0.0
-        return ratio <= MASS_SHIFT_RATIO and math.log(1.0 / ratio) >= 0.5 * rise
+def _shares(counts: dict[int, float], groups: set[int]) -> dict[int, float]:
+    """Share of the rows per group (absent groups count 0), or {} without counts."""
+    pos = {g: c for g, c in counts.items() if _finite(c) and c > 0}
+    total = sum(pos.values())
+    if total <= 0:
+        return {}
+    return {g: pos.get(g, 0.0) / total for g in set(counts) | groups}
 
-    def _rank(
-        self, fresh: dict[str, CusumDetector], prefix: str, groups: list[int]
-    ) -> tuple[tuple[int, ...], dict[int, float]]:
-        """The fewest groups carrying NAME_SHARE of the mass-weighted rise, and all shares."""
-        n = max(len(groups), 1)
-        weighted = {}
-        for g in groups:
-            rise = fresh[f"{prefix}:{g}"].last_effect or 0.0
-            pi = self._mass_base.get(g) or 1.0 / n
-            weighted[g] = pi * rise if rise > 0 else 0.0
-        weighted = {g: w for g, w in weighted.items() if w > 0}
-        if not weighted:
-            return (), {}
-        order = sorted(weighted, key=lambda g: (-weighted[g], g))
-        if any(w == math.inf for w in weighted.values()):
-            named = [g for g in order if weighted[g] == math.inf]
-            return tuple(named), {g: (1.0 / len(named) if g in named else 0.0) for g in order}
-        total = sum(weighted.values())
-        shares = {g: weighted[g] / total for g in order}
-        named, acc = [], 0.0
-        for g in order:
-            named.append(g)
-            acc += shares[g]
-            if acc >= NAME_SHARE:
-                break
-        return tuple(named), shares
 
-    def _explain(
-        self,
-        step: int,
-        fresh: dict[str, CusumDetector],
-        significant: list[str],
-        ev: Evaluation,
-        share: dict[int, float],
-    ) -> tuple[str, Alert]:
-        me = self.min_effect
-        f, r = fresh.get("forward"), fresh.get("reverse")
-        rose_f, rose_r = self._rose(f, me), self._rose(r, me)
-        gf_rose = sorted(
-            g for g in self.group_forward if self._rose(fresh.get(f"group_forward:{g}"), me)
-        )
-        gr_rose = sorted(
-            g for g in self.group_reverse if self._rose(fresh.get(f"group_reverse:{g}"), me)
-        )
-        d_f = max(f.last_effect or 0.0, 0.0) if f is not None else 0.0
-        d_r = max(r.last_effect or 0.0, 0.0) if r is not None else 0.0
-        named_f, shares_f = self._rank(fresh, "group_forward", gf_rose)
-        named_r, shares_r = self._rank(fresh, "group_reverse", gr_rose)
+def _evidence(
+    rules: AlertRules, step: int, ev: Evaluation, fresh: dict[SeriesKey, CusumDetector],
+    share: dict[int, float],
+) -> Evidence:  # fmt: skip
+    """A snapshot of the fresh detectors and the evaluation, for ``classify``."""
+    readings = {
+        key: Reading(det.last_z, det.last_effect, det.last_raw, det.significant,
+                     det.baseline, det.noise)
+        for key, det in fresh.items()
+    }  # fmt: skip
+    return Evidence(
+        step=step, readings=readings, share=share, mass_base=dict(rules._mass_base),
+        n_groups_seen=len(rules.group_forward),
+        forward=_as_float(ev.forward), reverse=_as_float(ev.reverse),
+        entropy_model=_as_float(ev.entropy_model),
+        entropy_reference=_as_float(ev.entropy_reference),
+        min_effect=rules.min_effect, entropy_drop=rules.entropy_drop,
+    )  # fmt: skip
 
-        # Mass lost by the groups whose forward KL rose (dropped modes).
-        ratio = {
-            g: share.get(g, 0.0) / self._mass_base[g]
-            for g in set(share) | set(self._mass_base)
-            if self._mass_base.get(g, 0.0) > 0 and share
-        }
-        losing = [g for g in gf_rose if self._losing(ratio.get(g), fresh[f"group_forward:{g}"])]
-        n_modes = len(self._mass_base) or len(self.group_forward) or None
-        h_model, h_ref = _as_float(ev.entropy_model), _as_float(ev.entropy_reference)
-        deficit = (
-            h_ref - h_model
-            if h_model is not None and h_ref is not None and _finite(h_model) and _finite(h_ref)
-            else None
-        )
-        rev_level = r.baseline + d_r if r is not None and r.baseline is not None else None
-        bounded = True
-        if n_modes and rev_level is not None and r is not None:
-            margin = max(me, 3.0 * (r.noise or 0.0))
-            bounded = rev_level <= math.log(n_modes) + margin
-        forward_side = rose_f or bool(gf_rose)
-        reverse_side = rose_r or bool(gr_rose)
-        forward_led = forward_side and (not rose_r or d_f >= d_r)
 
-        if (rose_r or gr_rose) and deficit is not None and deficit >= self.entropy_drop:
-            kind, signature = "collapse", "sharpening"
-        elif losing:
-            kind, signature = "collapse", "mode_dropping"
-        elif forward_led and rose_r and bounded:
-            kind, signature = "collapse", "mode_dropping"
-        elif forward_led or (forward_side and not reverse_side):
-            kind, signature = "coverage_gap", "support" if d_f == math.inf else "forward_rise"
-        else:
-            kind, signature = "over_dispersion", "reverse_rise"
+def _alert(diagnosis: Any, evidence: Evidence) -> Alert:
+    return Alert(
+        diagnosis.kind, evidence.step, diagnosis.statistic, diagnosis.groups,
+        alert_message(diagnosis, evidence), alert_details(diagnosis, evidence),
+    )  # fmt: skip
 
-        if kind == "over_dispersion":
-            groups = named_r
-        elif losing:
-            groups = tuple(g for g in named_f if g in losing) or tuple(losing)
-        else:
-            groups = named_f
-        # The statistic of the series that best explains the kind.
-        lead = ["forward", "reverse"] if kind != "over_dispersion" else ["reverse", "forward"]
-        if signature == "sharpening":
-            lead = ["reverse", "forward"]
-        prefix = "group_reverse" if kind == "over_dispersion" else "group_forward"
-        lead += [f"{prefix}:{g}" for g in groups] + significant
-        lead_key = next(key for key in lead if key in significant)
-        statistic = fresh[lead_key].last_raw or 0.0
 
-        details: dict[str, Any] = {
-            "signature": signature,
-            "series": list(significant),
-            "lead_series": lead_key,
-            "forward": _as_float(ev.forward),
-            "reverse": _as_float(ev.reverse),
-            "forward_baseline": f.baseline if f is not None else None,
-            "reverse_baseline": r.baseline if r is not None else None,
-            "forward_rise": f.last_effect if f is not None else None,
-            "reverse_rise": r.last_effect if r is not None else None,
-            "forward_z": f.last_z if f is not None else None,
-            "reverse_z": r.last_z if r is not None else None,
-            "entropy_model": h_model,
-            "entropy_reference": h_ref,
-            "n_groups": n_modes,
-            "group_forward_rise": {
-                g: fresh[f"group_forward:{g}"].last_effect
-                for g in sorted(self.group_forward)
-                if f"group_forward:{g}" in fresh
-            },
-            "group_reverse_rise": {
-                g: fresh[f"group_reverse:{g}"].last_effect
-                for g in sorted(self.group_reverse)
-                if f"group_reverse:{g}" in fresh
-            },
-            "group_forward_share": shares_f,
-            "group_reverse_share": shares_r,
-            "group_mass_ratio": dict(sorted(ratio.items())),
-            "groups_losing_mass": losing,
-        }
-        message = self._message(kind, signature, step, f, r, ev, groups, shares_f, shares_r,
-                                deficit, n_modes, losing)  # fmt: skip
-        return kind, Alert(kind, step, float(statistic), tuple(groups), message, details)
-
-    def _message(
-        self,
-        kind: str,
-        signature: str,
-        step: int,
-        f: CusumDetector | None,
-        r: CusumDetector | None,
-        ev: Evaluation,
-        groups: tuple[int, ...],
-        shares_f: dict[int, float],
-        shares_r: dict[int, float],
-        deficit: float | None,
-        n_modes: int | None,
-        losing: list[int],
-    ) -> str:
-        def rise(name: str, det: CusumDetector | None, value: float | None) -> str:
-            if value == math.inf:
-                return f"{name} KL is infinite (support violation)"
-            if det is None or det.last_effect is None:
-                return f"{name} KL = {_fmt(value)}"
-            return f"{name} KL rose {_fmt(det.last_effect)} nats (z={_fmt(det.last_z, 1)})"
-
-        def level(name: str, value: float | None) -> str:
-            return f"{name} stayed at {_fmt(value)}"
-
-        fwd, rev = _as_float(ev.forward), _as_float(ev.reverse)
-        glist = ", ".join(str(g) for g in groups)
-        if signature == "sharpening":
-            hm, hr = _as_float(ev.entropy_model), _as_float(ev.entropy_reference)
-            msg = (
-                f"collapse (sharpening) at step {step}: model entropy {_fmt(hm)} nats is "
-                f"{_fmt(deficit)} below the reference's {_fmt(hr)} while "
-                f"{rise('reverse', r, rev)}"
-            )
-            return msg + (f"; groups losing coverage: {glist}" if groups else "")
-        if kind == "collapse":
-            msg = f"collapse at step {step}: {rise('forward', f, fwd)} while reverse "
-            if n_modes and rev is not None and _finite(rev):
-                # m of K modes left: from the groups losing mass, else from the reverse KL.
-                m = n_modes - len(losing) if losing else round(n_modes * math.exp(-rev))
-                m = min(max(m, 1), n_modes)
-                bound = math.log(n_modes / m)
-                if m < n_modes and abs(rev - bound) <= max(0.1 * bound, self.min_effect):
-                    msg += f"stayed at {_fmt(rev)} ≈ ln({n_modes}/{m})"
-                elif m < n_modes:
-                    msg += (
-                        f"is {_fmt(rev)} (it settles at ln({n_modes}/{m}) = {_fmt(bound)} "
-                        f"once the {m} remaining modes are fitted)"
-                    )
-                else:
-                    msg += f"is {_fmt(rev)} (≤ ln {n_modes} = {_fmt(math.log(n_modes))})"
-            else:
-                msg += f"is only {_fmt(rev)}"
-            return msg + (f"; modes dropped: {glist}" if groups else "")
-        if kind == "coverage_gap":
-            msg = f"coverage gap at step {step}: {rise('forward', f, fwd)}"
-            if groups:
-                carried = sum(shares_f.get(g, 0.0) for g in groups)
-                word = "group" if len(groups) == 1 else "groups"
-                msg += f", concentrated in {word} {glist} ({carried:.0%} of the rise)"
-            return msg + f"; {level('reverse', rev)}"
-        msg = f"over-dispersion at step {step}: {rise('reverse', r, rev)}"
-        msg += f" while forward is {_fmt(fwd)}"
-        if f is not None and f.last_effect is not None and _finite(f.last_effect):
-            msg += f" ({f.last_effect:+.2f})"
-        return msg + (f"; groups: {glist}" if groups else "")
+def _series_key(name: str) -> SeriesKey:
+    """Inverse of ``series_name``, for checkpointed states (version 1 stores names)."""
+    if name in ("forward", "reverse"):
+        return (name, None)
+    series, group = name.rsplit(":", 1)
+    return (series.removeprefix("group_"), int(group))

@@ -1,14 +1,25 @@
-"""`KLInputs`: what a model hands the monitor for one held-out batch."""
+"""`KLInputs`: what a model hands the monitor for one held-out batch.
+
+This is the boundary: the constructors validate everything that does not depend on
+the monitor's configuration (dtypes, shapes, the mask, pairs given together), and
+the layers below trust it. Group labels are checked against ``num_groups`` by the
+metric, which knows it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from ._utils import check_floating, check_same_shape
+from ._utils import check_floating, check_logits, check_same_shape
 
-__all__ = ["KLInputs"]
+__all__ = ["INPUT_KINDS", "InputKind", "KLInputs"]
+
+InputKind = Literal["logits", "log_probs"]
+#: The input kinds: ``KLInputs.kind``, and the keys of ``evaluator.METRIC_FOR_KIND``.
+INPUT_KINDS: tuple[InputKind, ...] = ("logits", "log_probs")
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,7 @@ class KLInputs:
         'logits'
     """
 
-    kind: str
+    kind: InputKind
     reference: torch.Tensor
     model: torch.Tensor
     mask: torch.Tensor | None = None
@@ -57,9 +68,7 @@ class KLInputs:
             groups: optional integer label per row ``(...)`` (class, prompt type), for
                 per-group KL and coverage-gap alerts.
         """
-        check_floating("reference_logits", reference_logits)
-        check_floating("model_logits", model_logits)
-        check_same_shape("reference_logits", reference_logits, "model_logits", model_logits)
+        check_logits("reference_logits", reference_logits, "model_logits", model_logits, mask)
         return cls("logits", reference_logits, model_logits, mask=mask, groups=groups)
 
     @classmethod
@@ -91,6 +100,11 @@ class KLInputs:
             raise ValueError(
                 "give both `model_samples_log_q` and `model_samples_log_p` (log q and log p "
                 "at samples of the model), or neither."
+            )
+        if model_samples_groups is not None and model_samples_log_q is None:
+            raise ValueError(
+                "`model_samples_groups` labels model samples, but none were passed "
+                "(`model_samples_log_q`, `model_samples_log_p`)."
             )
         if model_samples_log_q is not None:
             check_floating("model_samples_log_q", model_samples_log_q)

@@ -12,67 +12,81 @@ it was split into batches and DDP ranks, up to float64 rounding.
 - ``SampledKL``: both directions from samples: forward from reference samples,
   reverse from model samples or, without them, by importance weighting.
 
-``compute()`` returns a ``KLResult``: a ``dict`` of scalar tensors, so
-``self.log_dict(metric.compute())`` works in a ``LightningModule``, with metadata
-(reduction, method actually used) as attributes that are not logged. With
-``num_groups`` set, per-group values are flat keys such as ``"forward/group_3"``;
-groups that received no rows are left out of the result (never reported as NaN).
+``compute()`` returns a typed result (``kl_monitor.results``): a frozen dataclass
+with per-direction estimates, per-group estimates and counters, which is also a
+read-only ``Mapping`` of scalar tensors, so ``self.log_dict(metric.compute())`` works
+in a ``LightningModule``. With ``num_groups`` set, per-group values are flat keys such
+as ``"forward/group_3"``; groups that received no rows are left out of the result
+(never reported as NaN). ``compute()`` reads the states to the host in one transfer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
-from ._utils import check_floating, check_nonfinite_mode, check_same_shape
+from ._utils import check_floating, check_logits, check_nonfinite_mode
 from .estimators import categorical_kl_rows, kept_rows
-from .stats import LU, METHODS, NONFINITE, SUPPORT, TOP_K, WW, WWL, WWLL, KLEstimate, KLStats, U
+from .results import (
+    EXACT,
+    IMPORTANCE_WEIGHTED,
+    CategoricalResult,
+    DirectionEstimate,
+    GroupEstimate,
+    KLResult,
+    MonteCarloResult,
+    SampledResult,
+)
+from .stats import _COLUMNS, LU, METHODS, NONFINITE, SUPPORT, TOP_K, WW, WWL, WWLL, KLStats, U
 from .stats import L as _L
 from .stats import N as _N
+
+if TYPE_CHECKING:
+    from .inputs import KLInputs
 
 __all__ = ["KLResult", "MonteCarloKL", "CategoricalKL", "SampledKL"]
 
 _F64 = torch.float64
-_NCOL = 9  # columns of KLStats sums
+_NCOL = len(_COLUMNS)  # columns of KLStats sums
 REDUCTIONS = ("token_mean", "sequence_sum")
 #: A group's estimated model mass Σw below this fraction of its sample count is treated
 #: as zero: n + Σ(w − 1) cannot resolve it in float64, so its reverse KL is meaningless.
 _MIN_GROUP_MASS = 1e-10
 
 
-class KLResult(dict):
-    """The output of ``compute()``/``forward()``: a ``dict`` of scalar tensors.
-
-    Every value is a 0-dim tensor, so the whole result can go to ``self.log_dict``.
-    Metadata that is not a number is carried as attributes and is not logged:
-
-    - ``reduction`` (``CategoricalKL``): ``"token_mean"`` or ``"sequence_sum"``.
-    - ``method`` / ``method_used`` (``MonteCarloKL``); ``forward_method_used``,
-      ``reverse_method_used`` and ``reverse_estimator`` (``SampledKL``).
-
-    Examples:
-        >>> r = KLResult({"kl": torch.tensor(0.5)}, reduction="token_mean")
-        >>> r.reduction, float(r["kl"])
-        ('token_mean', 0.5)
-    """
-
-    def __init__(self, values: Mapping[str, Tensor] | None = None, **meta: Any) -> None:
-        super().__init__(values or {})
-        self.__dict__.update(meta)
-
-    def to_floats(self) -> dict[str, float]:
-        """The values as plain Python floats."""
-        return {k: float(v) for k, v in self.items()}
-
-
 # --------------------------------------------------------------------------- helpers
+class _Box:
+    """Carries a typed result through torchmetrics' compute wrapper untouched."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: KLResult) -> None:
+        self.result = result
+
+
+def _to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors as float64 on the CPU, in one device-to-host transfer."""
+    flat = torch.cat([t.detach().reshape(-1).to(_F64) for t in tensors]).cpu()
+    sizes = [t.numel() for t in tensors]
+    return [part.reshape(t.shape) for part, t in zip(flat.split(sizes), tensors, strict=True)]
+
+
+def _direction(est: Any) -> DirectionEstimate:
+    """A ``KLEstimate`` of ``KLStats.estimate`` as one direction of a result."""
+    return DirectionEstimate(
+        est.value, est.stderr, float(est.n), est.method_used, c=est.c,
+        variance_reduction=est.variance_reduction, tail_index=est.tail_index,
+    )
+
+
 def _merge_top_stacked(stacked: Tensor) -> Tensor:
     """``dist_reduce_fx`` of the top-k state: torchmetrics stacks the gathered (or the
     global and batch) buffers along dim 0; fold them with ``KLStats.merge_top``."""
@@ -153,11 +167,6 @@ def _mean_stderr(n: float, s: float, s2: float, n_inf: float) -> tuple[float, fl
     return mean, math.sqrt(var / n)
 
 
-def _asymmetry(forward: float, reverse: float) -> float:
-    # inf − inf (support violations both ways) is undefined: reported as nan.
-    return forward - reverse
-
-
 class _KLMetric(Metric):
     """Shared plumbing: float64 states, result metadata, plotting, state-shape checks."""
 
@@ -169,9 +178,14 @@ class _KLMetric(Metric):
     #: keys drawn by ``plot`` (counts and diagnostics would swamp the axis).
     _plot_keys: tuple[str, ...] = ()
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._result_meta: dict[str, Any] = {}
+    def update_from(self, inputs: KLInputs) -> Tensor:
+        """Add one batch of ``KLInputs`` (validated when built: not checked again).
+
+        Returns:
+            Per-unit log ratios of the batch (per-row forward KL for logits), for the
+            monitor's histogram.
+        """
+        raise NotImplementedError
 
     # -- sample statistics (MonteCarloKL, SampledKL) ---------------------------------
     def _add_sample_states(self, prefix: str, num_groups: int | None) -> None:
@@ -223,42 +237,45 @@ class _KLMetric(Metric):
             name = prefix + key
             setattr(self, name, getattr(self, name).to(_F64) + batch[key])
 
-    def _stats(self, prefix: str) -> KLStats:
-        return KLStats(
-            getattr(self, f"{prefix}sums"),
-            getattr(self, f"{prefix}top_log_w"),
-            getattr(self, f"{prefix}counts"),
-        )
-
-    def _group_stats(self, prefix: str, g: int) -> KLStats:
-        sums = getattr(self, f"{prefix}group_sums")
+    def _host_stats(self, *prefixes: str) -> list[tuple[KLStats, list[KLStats]]]:
+        """Per prefix, the statistics named ``prefix*`` and one per group, all read to
+        the host in one transfer."""
+        keys = ["sums", "top_log_w", "counts"]
+        grouped = self.num_groups is not None
+        if grouped:
+            keys += ["group_sums", "group_counts"]
+        host = _to_host([getattr(self, prefix + key) for prefix in prefixes for key in keys])
         # no per-group tail buffer: the per-group values are naive (k1) means
-        empty_top = torch.full((TOP_K,), -math.inf, dtype=_F64, device=sums.device)
-        return KLStats(sums[g], empty_top, getattr(self, f"{prefix}group_counts")[g])
+        empty_top = torch.full((TOP_K,), -math.inf, dtype=_F64)
+        out = []
+        for i in range(0, len(host), len(keys)):
+            part = host[i : i + len(keys)]
+            groups = zip(part[3], part[4], strict=True) if grouped else ()
+            out.append((KLStats(*part[:3]), [KLStats(s, empty_top, c) for s, c in groups]))
+        return out
 
     @staticmethod
     def _seen(stats: KLStats) -> int:
         """Samples passed in, whatever became of them (used, support violation, dropped)."""
         return stats.n + int(stats.counts[NONFINITE]) + int(stats.counts[SUPPORT])
 
-    # -- results ---------------------------------------------------------------------
-    def _result(self, values: Mapping[str, float], **meta: Any) -> KLResult:
-        self._result_meta = meta
-        return KLResult(
-            {k: torch.tensor(float(v), dtype=_F64, device=self.device) for k, v in values.items()},
-            **meta,
-        )
+    @staticmethod
+    def _usable(stats: KLStats) -> bool:
+        return stats.n + int(stats.counts[SUPPORT]) > 0
 
     def _wrap_compute(self, compute: Callable) -> Callable:
-        # torchmetrics rebuilds the returned mapping (dropping attributes); re-attach them.
-        inner = super()._wrap_compute(compute)
+        # torchmetrics rebuilds a returned Mapping and clones its tensors; the typed
+        # result is immutable, so it passes through in a box that it leaves alone.
+        @functools.wraps(compute)
+        def boxed(*args: Any, **kwargs: Any) -> _Box:
+            return _Box(compute(*args, **kwargs))
+
+        inner = super()._wrap_compute(boxed)
 
         @functools.wraps(compute)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             value = inner(*args, **kwargs)
-            if isinstance(value, Mapping):
-                return KLResult(value, **self.__dict__.get("_result_meta", {}))
-            return value
+            return value.result if isinstance(value, _Box) else value
 
         return wrapped
 
@@ -415,41 +432,49 @@ class MonteCarloKL(_SampleMetric):
         labels = self._labels(groups, log_a, "groups", "log_a")
         self._add_sample_batch("", self._sample_batch(log_a, log_b, labels))
 
-    def compute(self) -> KLResult:
+    def update_from(self, inputs: KLInputs) -> Tensor:
+        labels = self._labels(inputs.groups, inputs.reference, "groups", "reference")
+        self._add_sample_batch("", self._sample_batch(inputs.reference, inputs.model, labels))
+        return inputs.reference.detach().double() - inputs.model.detach().double()
+
+    def compute(self) -> MonteCarloResult:
         """The estimate over everything seen since the last reset (all ranks)."""
-        stats = self._stats("")
-        if stats.n == 0 and int(stats.counts[SUPPORT]) == 0:
+        ((stats, groups),) = self._host_stats("")
+        if not self._usable(stats):
             raise ValueError(
                 f"{type(self).__name__}.compute(): no usable samples "
                 f"({int(stats.counts[NONFINITE])} non-finite samples dropped); call update() first."
             )
         est = stats.estimate(self.method)
-        values = {
-            "kl": est.value,
-            "stderr": est.stderr,
-            "n": est.n,
-            "c": est.c,
-            "variance_reduction": est.variance_reduction,
-            "tail_index": est.tail_index,
-            "nonfinite": est.nonfinite,
-            "support_violations": est.support_violations,
-        }
-        if self.num_groups is not None:
-            for g in range(self.num_groups):
-                gs = self._group_stats("", g)
-                if gs.n + int(gs.counts[SUPPORT]) == 0:
-                    continue
-                ge = gs.estimate("naive")
-                values[f"kl/group_{g}"] = ge.value
-                values[f"stderr/group_{g}"] = ge.stderr
-                values[f"n/group_{g}"] = ge.n
-        return self._result(values, method=self.method, method_used=est.method_used)
+        return MonteCarloResult(
+            estimate=_direction(est),
+            method=self.method,
+            nonfinite=float(est.nonfinite),
+            support_violations=float(est.support_violations),
+            groups=_naive_groups(groups),
+            device=self.device,
+        )
+
+
+def _naive_groups(groups: Sequence[KLStats]) -> dict[int, GroupEstimate]:
+    """Naive per-group means of the groups that received samples."""
+    out = {}
+    for g, gs in enumerate(groups):
+        if gs.n + int(gs.counts[SUPPORT]):
+            ge = gs.estimate("naive")
+            out[g] = GroupEstimate(ge.value, ge.stderr, float(ge.n))
+    return out
 
 
 # --------------------------------------------------------------------------- CategoricalKL
-# Per-unit feature columns of CategoricalKL's states.
-_C_N, _C_F, _C_FF, _C_FINF, _C_R, _C_RR, _C_RINF, _C_HP, _C_HQ, _C_SUP, _C_BAD, _C_ROWS = range(12)
-_C_GROUP = 7  # the first 7 columns are also kept per group
+#: Columns of CategoricalKL's states, by name: per unit, units, Σf, Σf², #(f = ∞), Σr,
+#: Σr², #(r = ∞), ΣH(P), ΣH(Q); per batch, support violations, non-finite and counted
+#: rows. The first ``_C_GROUP`` (units … #(r = ∞)) are also kept per group.
+_UNIT_COLUMNS = ("n", "f", "ff", "f_inf", "r", "rr", "r_inf", "h_p", "h_q")
+_COUNT_COLUMNS = ("support", "nonfinite", "rows")
+_CAT_COLUMNS = _UNIT_COLUMNS + _COUNT_COLUMNS
+_C = {name: i for i, name in enumerate(_CAT_COLUMNS)}
+_C_GROUP = _C["r_inf"] + 1
 
 
 class CategoricalKL(_KLMetric):
@@ -532,7 +557,7 @@ class CategoricalKL(_KLMetric):
         self.nonfinite = nonfinite
         self.num_groups = _check_num_groups(num_groups)
         self.validate_args = validate_args
-        self.add_state("stats", torch.zeros(12, dtype=_F64), dist_reduce_fx="sum")
+        self.add_state("stats", torch.zeros(len(_CAT_COLUMNS), dtype=_F64), dist_reduce_fx="sum")
         if self.num_groups is not None:
             self.add_state(
                 "group_stats", torch.zeros(self.num_groups, _C_GROUP, dtype=_F64),
@@ -541,44 +566,6 @@ class CategoricalKL(_KLMetric):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, num_groups={self.num_groups}"
-
-    def _check_inputs(
-        self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None
-    ) -> tuple[int, ...]:
-        check_floating("logits_p", logits_p)
-        check_floating("logits_q", logits_q)
-        if logits_p.dim() == 0 or logits_q.dim() == 0:
-            raise ValueError(
-                "logits must have shape (..., K) with the K classes last, got scalars "
-                f"{tuple(logits_p.shape)} and {tuple(logits_q.shape)}."
-            )
-        if logits_p.shape[-1] != logits_q.shape[-1]:
-            raise ValueError(
-                f"`logits_p` has {logits_p.shape[-1]} classes and `logits_q` has "
-                f"{logits_q.shape[-1]} (shapes {tuple(logits_p.shape)} and "
-                f"{tuple(logits_q.shape)}); both must be over the same K classes, last axis."
-            )
-        check_same_shape("logits_p", logits_p, "logits_q", logits_q)
-        if logits_p.numel() == 0:
-            raise ValueError(f"logits are empty (shape {tuple(logits_p.shape)}).")
-        if self.reduction == "sequence_sum" and logits_p.dim() < 3:
-            raise ValueError(
-                "reduction='sequence_sum' sums over the sequence axis and needs logits of "
-                f"shape (batch, seq, K), got {tuple(logits_p.shape)}."
-            )
-        lead = tuple(logits_p.shape[:-1])
-        if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise TypeError(
-                    "`mask` must be a bool tensor (True = counted row), got "
-                    f"{getattr(mask, 'dtype', type(mask).__name__)}."
-                )
-            if tuple(mask.shape) != lead:
-                raise ValueError(
-                    f"`mask` must have the logits' shape without the class axis, {lead}, "
-                    f"got {tuple(mask.shape)}."
-                )
-        return lead
 
     def update(
         self,
@@ -589,89 +576,99 @@ class CategoricalKL(_KLMetric):
     ) -> None:
         """Add rows of reference logits ``(..., K)``, model logits (same shape), an
         optional bool ``mask`` ``(...)`` (False = padding) and optional integer ``groups``."""
-        lead = self._check_inputs(logits_p, logits_q, mask)
+        check_logits("logits_p", logits_p, "logits_q", logits_q, mask)
+        self._add_rows(logits_p, logits_q, mask, groups)
+
+    def update_from(self, inputs: KLInputs) -> Tensor:
+        return self._add_rows(inputs.reference, inputs.model, inputs.mask, inputs.groups)
+
+    def _labels(
+        self, groups: Tensor | None, lead: tuple[int, ...], counted: Tensor
+    ) -> Tensor | None:
+        """Per-unit labels (sequence labels broadcast over positions for token_mean)."""
         _require_groups(self.num_groups, groups)
+        if groups is None:
+            return None
+        seq = self.reduction == "sequence_sum"
+        per_row = not seq and tuple(getattr(groups, "shape", ())) == lead
+        shapes = [lead[:-1]] if seq else ([lead, lead[:-1]] if len(lead) >= 2 else [lead])
+        g_counted = counted if per_row else counted.any(-1)
+        labels = _check_groups(groups, shapes, self.num_groups, g_counted, self.validate_args)
+        labels = labels.to(counted.device)
+        if not seq and not per_row:  # one label per sequence, broadcast over positions
+            labels = labels.unsqueeze(-1).expand(lead)
+        return labels
+
+    def _add_rows(
+        self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None, groups: Tensor | None
+    ) -> Tensor:
+        """Accumulate validated logits; returns the kept rows' forward KL (histogram)."""
+        lead = tuple(logits_p.shape[:-1])
+        if self.reduction == "sequence_sum" and len(lead) < 2:
+            raise ValueError(
+                "reduction='sequence_sum' sums over the sequence axis and needs logits of "
+                f"shape (batch, seq, K), got {tuple(logits_p.shape)}."
+            )
         fwd, rev, hp, hq, valid = categorical_kl_rows(logits_p, logits_q)
-        counted = (
-            torch.ones_like(valid) if mask is None else mask.to(valid.device)
-        )
-        labels = None
-        if groups is not None:
-            seq = self.reduction == "sequence_sum"
-            per_row = not seq and tuple(getattr(groups, "shape", ())) == lead
-            shapes = [lead[:-1]] if seq else ([lead, lead[:-1]] if len(lead) >= 2 else [lead])
-            g_counted = counted if per_row else counted.any(-1)
-            labels = _check_groups(groups, shapes, self.num_groups, g_counted, self.validate_args)
-            labels = labels.to(valid.device)
-            if not seq and not per_row:  # one label per sequence, broadcast over positions
-                labels = labels.unsqueeze(-1).expand(lead)
+        counted = torch.ones_like(valid) if mask is None else mask.to(valid.device)
+        labels = self._labels(groups, lead, counted)
         keep, n_bad = kept_rows(valid, counted, self.nonfinite)
         zero = torch.zeros((), dtype=_F64, device=valid.device)
-        f = torch.where(keep, fwd.to(_F64), zero)
-        r = torch.where(keep, rev.to(_F64), zero)
-        h_p = torch.where(keep, hp.to(_F64), zero)
-        h_q = torch.where(keep, hq.to(_F64), zero)
+        f, r, h_p, h_q = (torch.where(keep, x.to(_F64), zero) for x in (fwd, rev, hp, hq))
         support = keep & (torch.isinf(f) | torch.isinf(r))
+        hist = f[keep]
+        unit = keep
         if self.reduction == "sequence_sum":
             f, r, h_p, h_q = f.sum(-1), r.sum(-1), h_p.sum(-1), h_q.sum(-1)
             unit = keep.any(-1)
-        else:
-            unit = keep
         f_inf, r_inf = torch.isinf(f) & unit, torch.isinf(r) & unit
-        f_fin = torch.where(f_inf, zero, f)
-        r_fin = torch.where(r_inf, zero, r)
-        feats = torch.stack(
-            (unit.to(_F64), f_fin, f_fin * f_fin, f_inf.to(_F64),
-             r_fin, r_fin * r_fin, r_inf.to(_F64), h_p, h_q),
-            dim=-1,
-        )
-        feats = feats[unit]
-        extra = torch.stack(
-            (support.sum(), torch.tensor(n_bad, device=keep.device), keep.sum())
-        ).to(_F64)
+        f_fin, r_fin = torch.where(f_inf, zero, f), torch.where(r_inf, zero, r)
+        cols = {
+            "n": unit.to(_F64), "f": f_fin, "ff": f_fin * f_fin, "f_inf": f_inf.to(_F64),
+            "r": r_fin, "rr": r_fin * r_fin, "r_inf": r_inf.to(_F64), "h_p": h_p, "h_q": h_q,
+        }
+        feats = torch.stack([cols[name] for name in _UNIT_COLUMNS], dim=-1)[unit]
+        counts = {"support": support.sum(), "nonfinite": torch.tensor(n_bad), "rows": keep.sum()}
+        extra = torch.stack([counts[name].to(keep.device) for name in _COUNT_COLUMNS]).to(_F64)
         self.stats = self.stats.to(_F64) + torch.cat((feats.sum(0), extra))
         if labels is not None:
             self.group_stats = self.group_stats.to(_F64).index_add(
                 0, labels[unit], feats[:, :_C_GROUP]
             )
+        return hist
 
-    def compute(self) -> KLResult:
+    def compute(self) -> CategoricalResult:
         """Forward and reverse KL over everything seen since the last reset (all ranks)."""
-        s = self.stats.detach().to("cpu", _F64).tolist()
-        n = s[_C_N]
+        grouped = self.num_groups is not None
+        host = _to_host([self.stats, self.group_stats] if grouped else [self.stats])
+        s = dict(zip(_CAT_COLUMNS, host[0].tolist(), strict=True))
+        n = s["n"]
         if n == 0:
             raise ValueError(
-                f"{type(self).__name__}.compute(): no rows were counted ({int(s[_C_BAD])} "
+                f"{type(self).__name__}.compute(): no rows were counted ({int(s['nonfinite'])} "
                 "non-finite rows dropped, masked rows are not counted); call update() first."
             )
-        fwd, fwd_se = _mean_stderr(n, s[_C_F], s[_C_FF], s[_C_FINF])
-        rev, rev_se = _mean_stderr(n, s[_C_R], s[_C_RR], s[_C_RINF])
-        values = {
-            "forward": fwd,
-            "reverse": rev,
-            "asymmetry": _asymmetry(fwd, rev),
-            "forward_stderr": fwd_se,
-            "reverse_stderr": rev_se,
-            "entropy_reference": s[_C_HP] / n,
-            "entropy_model": s[_C_HQ] / n,
-            "support_violations": s[_C_SUP],
-            "nonfinite": s[_C_BAD],
-            "n": n,
-            "n_rows": s[_C_ROWS],
-        }
-        if self.num_groups is not None:
-            for g, row in enumerate(self.group_stats.detach().to("cpu", _F64).tolist()):
-                ng = row[_C_N]
-                if ng == 0:
-                    continue
-                gf, gf_se = _mean_stderr(ng, row[_C_F], row[_C_FF], row[_C_FINF])
-                gr, gr_se = _mean_stderr(ng, row[_C_R], row[_C_RR], row[_C_RINF])
-                values[f"forward/group_{g}"] = gf
-                values[f"reverse/group_{g}"] = gr
-                values[f"forward_stderr/group_{g}"] = gf_se
-                values[f"reverse_stderr/group_{g}"] = gr_se
-                values[f"n/group_{g}"] = ng
-        return self._result(values, reduction=self.reduction)
+        group_forward, group_reverse = {}, {}
+        for g, row in enumerate(host[1].tolist() if grouped else []):
+            c = dict(zip(_CAT_COLUMNS, row, strict=False))
+            if c["n"]:
+                group_forward[g] = _unit_mean(c, "f", mass=c["n"] / n)
+                group_reverse[g] = _unit_mean(c, "r", mass=c["n"] / n)
+        return CategoricalResult(
+            forward=_unit_mean(s, "f"), reverse=_unit_mean(s, "r"),
+            nonfinite=s["nonfinite"], support_violations=s["support"],
+            group_forward=group_forward, group_reverse=group_reverse, device=self.device,
+            entropy_reference=s["h_p"] / n, entropy_model=s["h_q"] / n,
+            n_rows=s["rows"], reduction=self.reduction,
+        )  # fmt: skip
+
+
+def _unit_mean(cols: Mapping[str, float], name: str, mass: float | None = None) -> Any:
+    """Mean and stderr of column ``name`` (f or r) over the units, as an estimate."""
+    value, stderr = _mean_stderr(cols["n"], cols[name], cols[name * 2], cols[f"{name}_inf"])
+    if mass is None:
+        return DirectionEstimate(value, stderr, cols["n"], EXACT)
+    return GroupEstimate(value, stderr, cols["n"], mass)
 
 
 # --------------------------------------------------------------------------- SampledKL
@@ -756,9 +753,26 @@ class SampledKL(_SampleMetric):
                 "pass both `model_log_q` and `model_log_p` (log q(y) and log p(y) at model "
                 "samples y ~ Q), or neither."
             )
-        has_model = model_log_q is not None
-        if model_groups is not None and not has_model:
+        if model_groups is not None and model_log_q is None:
             raise ValueError("`model_groups` labels model samples, but none were passed.")
+        self._add(log_p, log_q, model_log_q, model_log_p, groups, model_groups)
+
+    def update_from(self, inputs: KLInputs) -> Tensor:
+        i = inputs
+        self._add(i.reference, i.model, i.model_samples_log_q, i.model_samples_log_p,
+                  i.groups, i.model_samples_groups)  # fmt: skip
+        return inputs.reference.detach().double() - inputs.model.detach().double()
+
+    def _add(
+        self,
+        log_p: Tensor,
+        log_q: Tensor,
+        model_log_q: Tensor | None,
+        model_log_p: Tensor | None,
+        groups: Tensor | None,
+        model_groups: Tensor | None,
+    ) -> None:
+        has_model = model_log_q is not None
         labels = self._labels(groups, log_p, "groups", "log_p")
         model_labels = (
             self._labels(model_groups, model_log_q, "model_groups", "model_log_q")
@@ -776,90 +790,52 @@ class SampledKL(_SampleMetric):
         if model_batch is not None:
             self._add_sample_batch("model_", model_batch)
 
-    def compute(self) -> KLResult:
+    def compute(self) -> SampledResult:
         """Both directions over everything seen since the last reset (all ranks)."""
-        ref = self._stats("ref_")
-        if ref.n == 0 and int(ref.counts[SUPPORT]) == 0:
+        (ref, ref_groups), (model, model_groups) = self._host_stats("ref_", "model_")
+        if not self._usable(ref):
             raise ValueError(
                 f"{type(self).__name__}.compute(): no usable reference samples "
                 f"({int(ref.counts[NONFINITE])} non-finite samples dropped); call update() first."
             )
-        model = self._stats("model_")
         with_model = self._seen(model) > 0
-        if with_model and model.n == 0 and int(model.counts[SUPPORT]) == 0:
+        if with_model and not self._usable(model):
             raise ValueError(
                 f"{type(self).__name__}.compute(): all {int(model.counts[NONFINITE])} model "
                 "samples were non-finite; reverse KL cannot be estimated."
             )
-        fwd: KLEstimate = ref.estimate(self.method)
-        values: dict[str, float] = {
-            "forward": fwd.value,
-            "forward_stderr": fwd.stderr,
-            "forward_n": fwd.n,
-            "forward_c": fwd.c,
-            "forward_variance_reduction": fwd.variance_reduction,
-            "forward_tail_index": fwd.tail_index,
-        }
         if with_model:
-            rev = model.estimate(self.method)
-            values.update(
-                reverse=rev.value, reverse_stderr=rev.stderr, reverse_n=rev.n,
-                reverse_ess=rev.n, reverse_tail_index=rev.tail_index,
-                reverse_importance_weighted=0.0, reverse_c=rev.c,
-                reverse_variance_reduction=rev.variance_reduction,
-            )
-            meta = dict(reverse_estimator="model_samples", reverse_method_used=rev.method_used)
-            rev_value = rev.value
+            reverse = _direction(model.estimate(self.method))
+            group_reverse = _naive_groups(model_groups)
+            total = model.n + int(model.counts[SUPPORT])
+            group_reverse = {
+                g: dataclasses.replace(ge, mass=(ge.n + float(model_groups[g].counts[SUPPORT]))
+                                       / total)
+                for g, ge in group_reverse.items()
+            }  # fmt: skip
         else:
             iw = ref.importance_weighted_reverse()
-            values.update(
-                reverse=iw.value, reverse_stderr=iw.stderr, reverse_n=iw.n,
-                reverse_ess=iw.ess, reverse_tail_index=iw.tail_index,
-                reverse_importance_weighted=1.0,
-            )
-            meta = dict(reverse_estimator="importance_weighted", reverse_method_used="iw")
-            rev_value = iw.value
-        values["asymmetry"] = _asymmetry(fwd.value, rev_value)
-        values["nonfinite"] = float(ref.counts[NONFINITE] + model.counts[NONFINITE])
-        values["support_violations"] = float(ref.counts[SUPPORT] + model.counts[SUPPORT])
-        if self.num_groups is not None:
-            self._group_values(values, ref, model if with_model else None)
-        return self._result(
-            values, method=self.method, forward_method_used=fwd.method_used, **meta
-        )
+            reverse = DirectionEstimate(iw.value, iw.stderr, float(iw.n), IMPORTANCE_WEIGHTED,
+                                        tail_index=iw.tail_index, ess=iw.ess)  # fmt: skip
+            group_reverse = _iw_groups(ref_groups, ref)
+        return SampledResult(
+            forward=_direction(ref.estimate(self.method)), reverse=reverse,
+            nonfinite=float(ref.counts[NONFINITE] + model.counts[NONFINITE]),
+            support_violations=float(ref.counts[SUPPORT] + model.counts[SUPPORT]),
+            group_forward=_naive_groups(ref_groups), group_reverse=group_reverse,
+            device=self.device, method=self.method,
+        )  # fmt: skip
 
-    def _group_values(
-        self, values: dict[str, float], ref: KLStats, model: KLStats | None
-    ) -> None:
-        assert self.num_groups is not None
-        for g in range(self.num_groups):
-            gs = self._group_stats("ref_", g)
-            if gs.n + int(gs.counts[SUPPORT]) == 0:
-                continue
-            ge = gs.estimate("naive")
-            values[f"forward/group_{g}"] = ge.value
-            values[f"forward_stderr/group_{g}"] = ge.stderr
-            values[f"forward_n/group_{g}"] = ge.n
-            if model is None:
-                iw = _iw_group_reverse(gs, ref)
-                if iw is not None:
-                    values[f"reverse/group_{g}"] = iw[0]
-                    values[f"reverse_stderr/group_{g}"] = iw[1]
-                    values[f"reverse_n/group_{g}"] = gs.n + int(gs.counts[SUPPORT])
-                    values[f"reverse_mass/group_{g}"] = iw[2]
-        if model is None:
-            return
-        for g in range(self.num_groups):
-            gm = self._group_stats("model_", g)
-            if gm.n + int(gm.counts[SUPPORT]) == 0:
-                continue
-            ge = gm.estimate("naive")
-            values[f"reverse/group_{g}"] = ge.value
-            values[f"reverse_stderr/group_{g}"] = ge.stderr
-            values[f"reverse_n/group_{g}"] = ge.n
-            values[f"reverse_mass/group_{g}"] = (ge.n + ge.support_violations) / (
-                model.n + int(model.counts[SUPPORT])
-            )
+
+def _iw_groups(groups: Sequence[KLStats], whole: KLStats) -> dict[int, GroupEstimate]:
+    """Importance-weighted per-group reverse KL where the model has mass."""
+    out = {}
+    for g, gs in enumerate(groups):
+        n_g = gs.n + int(gs.counts[SUPPORT])
+        iw = _iw_group_reverse(gs, whole) if n_g else None
+        if iw is not None:
+            out[g] = GroupEstimate(iw[0], iw[1], float(n_g), iw[2])
+    return out
 
 
 def _iw_group_reverse(group: KLStats, whole: KLStats) -> tuple[float, float, float] | None:

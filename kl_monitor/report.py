@@ -1,19 +1,26 @@
 """Read KLMonitor's TensorBoard event files back: per-run series, a table and a plot.
 
-Used by ``kl-monitor report LOGDIR`` and by the demo's figure.
+Used by ``kl-monitor report LOGDIR`` and by the demo's figure. Alerts are read from
+their machine-readable entries (``<prefix>/alert_records``, one JSON ``Alert.to_dict()``
+each), never from the human text. Logs written by kl_monitor 0.1.0, which had only the
+text, are read from the text as a fallback.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tensorboard import ALERT_RECORDS
+
 __all__ = ["ReportError", "Run", "load_runs", "summary_table", "plot_runs"]
 
-_ALERT_RE = re.compile(
+# kl_monitor 0.1.0 wrote alerts only as this text: read for old logs, never for new ones
+_LEGACY_ALERT_RE = re.compile(
     r"\*\*(?P<kind>\w+)\*\* at step (?P<step>\d+) \(statistic (?P<stat>[-\d.infa]+); "
     r"groups: (?P<groups>[^)]*)\)"
 )
@@ -64,6 +71,8 @@ def load_runs(logdir: str | os.PathLike, prefix: str = "kl") -> list[Run]:
     problems: list[str] = []
     for d, files in sorted(dirs.items()):
         run = Run(name=str(d.relative_to(root)) if d != root else root.name)
+        records: list[str] = []
+        legacy: list[str] = []
         for path in files:
             acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
             try:
@@ -78,9 +87,18 @@ def load_runs(logdir: str | os.PathLike, prefix: str = "kl") -> list[Run]:
                         (e.step, e.value) for e in acc.Scalars(tag)
                     )
             for tag in tags.get("tensors", []):
-                if tag.startswith(f"{prefix}/alerts"):
-                    for event in acc.Tensors(tag):
-                        run.alerts.extend(_parse_alerts(event.tensor_proto))
+                # text tags are stored as "<tag>/text_summary"
+                if tag.startswith(f"{prefix}/{ALERT_RECORDS}"):
+                    found = records
+                elif tag.startswith(f"{prefix}/alerts"):
+                    found = legacy
+                else:
+                    continue
+                found.extend(s for e in acc.Tensors(tag) for s in _strings(e.tensor_proto))
+        if records:
+            run.alerts = [_alert(json.loads(text)) for text in records]
+        else:
+            run.alerts = [a for text in legacy for a in _legacy_alerts(text)]
         if f"{prefix}/forward" in run.scalars:
             runs.append(run)
     if not runs:
@@ -89,20 +107,32 @@ def load_runs(logdir: str | os.PathLike, prefix: str = "kl") -> list[Run]:
     return runs
 
 
-def _parse_alerts(proto: object) -> list[dict]:
-    texts = [s.decode("utf-8", "replace") for s in getattr(proto, "string_val", [])]
+def _strings(proto: object) -> list[str]:
+    return [s.decode("utf-8", "replace") for s in getattr(proto, "string_val", [])]
+
+
+def _alert(record: dict) -> dict:
+    """The fields the report uses, from one machine-readable alert record."""
+    return {
+        "kind": str(record["kind"]),
+        "step": int(record["step"]),
+        "statistic": float(record["statistic"]),
+        "groups": [str(g) for g in record.get("groups", [])],
+    }
+
+
+def _legacy_alerts(text: str) -> list[dict]:
     alerts = []
-    for text in texts:
-        for m in _ALERT_RE.finditer(text):
-            groups = m["groups"].strip()
-            alerts.append(
-                {
-                    "kind": m["kind"],
-                    "step": int(m["step"]),
-                    "statistic": float(m["stat"]),
-                    "groups": [] if groups in ("", "-") else [g.strip() for g in groups.split(",")],
-                }
-            )
+    for m in _LEGACY_ALERT_RE.finditer(text):
+        groups = m["groups"].strip()
+        alerts.append(
+            {
+                "kind": m["kind"],
+                "step": int(m["step"]),
+                "statistic": float(m["stat"]),
+                "groups": [] if groups in ("", "-") else [g.strip() for g in groups.split(",")],
+            }
+        )
     return alerts
 
 

@@ -1,46 +1,37 @@
-"""TensorBoard extras: the custom-scalars layout, histograms and alert text.
+"""TensorBoard extras: the custom-scalars layout, histograms and alert entries.
 
 Scalars go through every Lightning logger; only these extras are TensorBoard-specific.
+Each alert is written twice: as human text under ``<prefix>/alerts`` and as one JSON
+object (``Alert.to_dict()``) under ``<prefix>/alert_records``, which is what
+``kl-monitor report`` reads, so the wording of the text can change freely.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["layout", "scalars"]
+from .results import DIRECTIONS
 
-DIRECTIONS = ("forward", "reverse")
-_PER_GROUP_DETAIL = re.compile(r"^(forward|reverse)_(stderr|n)/group_\d+$")
+__all__ = ["ALERT_RECORDS", "alert_record", "alert_text", "layout", "scalars"]
+
+#: Tag suffix of the machine-readable alert entries (one JSON object each).
+ALERT_RECORDS = "alert_records"
 
 
-def scalars(prefix: str, result: Mapping[str, float]) -> dict[str, float]:
+def scalars(prefix: str, result: Any) -> dict[str, float]:
     """Tags for one evaluation: ``<prefix>/<key>`` plus ±2-stderr bands per direction.
 
-    Per-group row counts (``n/group_<g>``) are logged as ``mass/group_<g>``: the
-    fraction of held-out rows in the group. Per-group standard errors and sample
-    counts stay in the metric's result but are not logged: with many groups they
-    would triple the scalars written at every evaluation.
+    ``result`` is a typed result with both directions (``CategoricalResult`` or
+    ``SampledResult``): its ``logged_pairs()`` leave the per-group standard errors
+    and counts out (with many groups they would triple the scalars written at every
+    evaluation) and log a categorical group's share of the rows as ``mass/group_<g>``.
     """
-    out: dict[str, float] = {}
-    n_total = result.get("n", 0.0)
-    for key, value in result.items():
-        if _PER_GROUP_DETAIL.match(key):
-            continue
-        if key.startswith("n/group_"):
-            share = value / n_total if n_total else 0.0
-            out[f"{prefix}/mass/{key[2:]}"] = share
-        else:
-            out[f"{prefix}/{key}"] = float(value)
-    for d in DIRECTIONS:
-        value, se = result.get(d), result.get(f"{d}_stderr")
-        if value is not None and se is not None and math.isfinite(se):
-            out[f"{prefix}/{d}_lower"] = value - 2.0 * se
-            out[f"{prefix}/{d}_upper"] = value + 2.0 * se
+    out = {f"{prefix}/{key}": value for key, value in result.logged_pairs()}
+    out.update((f"{prefix}/{key}", value) for key, value in result.bands())
     return out
 
 
@@ -100,11 +91,23 @@ def write_extras(
         if histogram is not None and histogram.numel():
             writer.add_histogram(f"{prefix}/log_ratio", histogram, global_step=step)
         for alert in alerts:
-            groups = ", ".join(str(g) for g in alert.groups) or "-"
-            writer.add_text(
-                f"{prefix}/alerts",
-                f"**{alert.kind}** at step {alert.step} (statistic {alert.statistic:.2f}; "
-                f"groups: {groups})  \n{alert.message}",
-                global_step=step,
-            )
+            writer.add_text(f"{prefix}/alerts", alert_text(alert), global_step=step)
+            writer.add_text(f"{prefix}/{ALERT_RECORDS}", alert_record(alert), global_step=step)
         writer.flush()
+
+
+def alert_text(alert: Any) -> str:
+    """The human entry of an alert (Markdown); nothing reads it back."""
+    groups = ", ".join(str(g) for g in alert.groups) or "-"
+    return (
+        f"**{alert.kind}** at step {alert.step} (statistic {alert.statistic:.2f}; "
+        f"groups: {groups})  \n{alert.message}"
+    )
+
+
+def alert_record(alert: Any) -> str:
+    """The machine entry of an alert: ``Alert.to_dict()`` as one line of JSON.
+
+    Infinite numbers are written as ``Infinity`` (``json`` reads them back).
+    """
+    return json.dumps(alert.to_dict(), sort_keys=True, default=str)

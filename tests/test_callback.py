@@ -413,12 +413,9 @@ def test_inputs_fn_is_used_instead_of_method():
 
 
 # ---------------------------------------------------------------- cadence
-def _clocked_run(monkeypatch, budget: float, steps: int = 300):
+def _clocked_run(budget: float, steps: int = 300):
     """A run on a simulated clock: a training step takes 10 ms, an evaluation 200 ms."""
-    import kl_monitor.callback as cb
-
     clock = [0.0]
-    monkeypatch.setattr(cb, "_now", lambda: clock[0])
     pl = namespace()
 
     class Tick(pl.Callback):
@@ -434,50 +431,28 @@ def _clocked_run(monkeypatch, budget: float, steps: int = 300):
     monitor = KLMonitor(
         train_data(64, dim=4), inputs_fn=slow, max_batches=2, overhead_budget=budget
     )
+    monitor.cadence.clock = lambda: clock[0]
     trainer(max_steps=steps, callbacks=[Tick(), monitor]).fit(
         model, train_data(steps * 4, dim=4, batch_size=4)
     )
     return monitor
 
 
-def test_default_cadence_keeps_evaluation_within_the_overhead_budget(monkeypatch):
+def test_default_cadence_keeps_evaluation_within_the_overhead_budget():
     # 2% budget: the 0.2 s sanity evaluation is paid off after 10 s of training (1000
     # steps), so nothing more runs in 300 steps; the first 10 steps only timed a step.
-    tight = _clocked_run(monkeypatch, 0.02)
+    tight = _clocked_run(0.02)
     assert tight.n_evals == 1 and tight.next_eval_step == 1000
-    assert tight._eval_total == pytest.approx(0.2)
+    assert tight.cadence.seconds_evaluating == pytest.approx(0.2)
     # 50% budget: an evaluation every 40 steps (0.2 s = 0.5 × 40 × 10 ms), the first
     # at step 30 (0.4 s of training pays for the sanity evaluation).
-    loose = _clocked_run(monkeypatch, 0.5)
+    loose = _clocked_run(0.5)
     assert loose.n_evals == 1 + len(range(30, 301, 40))
-    assert loose._eval_total <= 0.5 * loose._train_total + 0.2 + 1e-9
+    budget = 0.5 * loose.cadence.seconds_training + 0.2 + 1e-9
+    assert loose.cadence.seconds_evaluating <= budget
 
 
 def test_fixed_cadence_and_budget_validation():
     assert KLMonitor(every_n_train_steps=7).every_n_train_steps == 7
     with pytest.raises(ValueError, match="overhead_budget"):
         KLMonitor(overhead_budget=1.5)
-
-
-def test_adaptive_interval_right_after_resume_is_not_stretched(monkeypatch):
-    import kl_monitor.callback as cb
-
-    monkeypatch.setattr(cb, "_now", lambda: 100.0)
-    monitor = KLMonitor()
-    state = dict(monitor.state_dict(), n_evals=3, last_eval_step=40, next_eval_step=41)
-    monitor.load_state_dict(state)  # resumed: on_fit_start leaves the clock unset
-    monitor.evaluate = lambda trainer, module: None
-
-    class Strategy:
-        @staticmethod
-        def broadcast(obj, src=0):
-            return obj
-
-    class Trainer:
-        global_step = 41
-        strategy = Strategy()
-
-    monitor.on_train_batch_end(Trainer(), None, None, None, 0)
-    # no training step was timed since the resume: the first interval again, not the
-    # 10,000-step maximum a zero step time would give
-    assert monitor.next_eval_step == 41 + cb._FIRST_INTERVAL

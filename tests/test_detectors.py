@@ -481,3 +481,66 @@ def test_rules_rearm_after_recovery_and_fire_again():
     rules = AlertRules()
     fired = [(i, a.kind) for i, (f, r) in enumerate(levels) for a in rules.update(ev(i, f, r))]
     assert fired == [(30, "collapse"), (80, "collapse")]
+
+
+# --------------------------------------------------------------------- classification
+def _reading(effect, z=10.0, significant=True, baseline=0.1, noise=0.01):
+    from kl_monitor.diagnosis import Reading
+
+    return Reading(z=z, effect=effect, raw=z, significant=significant, baseline=baseline,
+                   noise=noise)  # fmt: skip
+
+
+def test_classify_is_a_pure_function_of_the_evidence():
+    from kl_monitor.diagnosis import Evidence, alert_message, classify
+
+    quiet = _reading(0.0, z=0.0, significant=False)
+    cases = {
+        # forward rose, reverse flat: a coverage gap, named by its group
+        "coverage_gap": Evidence(
+            step=5, readings={("forward", None): _reading(0.4), ("reverse", None): quiet,
+                              ("forward", 2): _reading(1.2), ("forward", 0): quiet},
+            mass_base={0: 0.5, 2: 0.5}, share={0: 0.5, 2: 0.5}, forward=0.5, reverse=0.1),
+        # the group whose forward KL rose lost its mass: a dropped mode
+        "collapse": Evidence(
+            step=5, readings={("forward", None): _reading(0.4), ("forward", 2): _reading(1.2)},
+            mass_base={0: 0.5, 2: 0.5}, share={0: 0.9, 2: 0.1}, forward=0.5, reverse=0.1),
+        # reverse rose more than forward
+        "over_dispersion": Evidence(
+            step=5, readings={("forward", None): quiet, ("reverse", None): _reading(0.6)},
+            forward=0.1, reverse=0.7),
+    }  # fmt: skip
+    want = {"coverage_gap": ("forward_rise", (2,)), "collapse": ("mode_dropping", (2,)),
+            "over_dispersion": ("reverse_rise", ())}  # fmt: skip
+    for kind, ev in cases.items():
+        d = classify(ev)
+        assert (d.kind, d.signature, d.groups) == (kind, *want[kind]), kind
+        assert classify(ev) == d  # no state: the same evidence, the same answer
+        assert alert_message(d, ev).startswith(kind.replace("_", " ").replace("over ", "over-"))
+
+
+def test_sharpening_needs_the_entropy_deficit():
+    from kl_monitor.diagnosis import Evidence, classify
+
+    readings = {("forward", None): _reading(0.1, z=1.0, significant=False),
+                ("reverse", None): _reading(0.5)}  # fmt: skip
+    sharp = Evidence(step=3, readings=readings, entropy_model=0.2, entropy_reference=1.5)
+    assert (classify(sharp).kind, classify(sharp).signature) == ("collapse", "sharpening")
+    flat = Evidence(step=3, readings=readings, entropy_model=1.4, entropy_reference=1.5)
+    assert classify(flat).kind == "over_dispersion"
+
+
+def test_alert_details_name_series_as_before():
+    rules = AlertRules(warmup=3)
+    for s in range(1, 9):
+        rules.update(Evaluation(s, 1.0 / s, 0.01, 0.5 / s, 0.01, group_forward={0: 0.1, 1: 0.1},
+                                group_count={0: 1.0, 1: 1.0}))  # fmt: skip
+    (alert,) = rules.update(Evaluation(9, 2.5, 0.01, 0.7, 0.01, group_forward={0: 0.1, 1: 3.0},
+                                       group_count={0: 1.0, 1: 1.0}))  # fmt: skip
+    assert alert.details["lead_series"] == "forward"
+    assert set(alert.details["series"]) >= {"forward", "group_forward:1"}
+    state = rules.state_dict()
+    assert "group_forward:1" in state["kind_series"][alert.kind]  # version-1 checkpoint form
+    twin = AlertRules()
+    twin.load_state_dict(state)
+    assert twin.state_dict() == state

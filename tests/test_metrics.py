@@ -10,6 +10,7 @@ import copy
 import math
 import pickle
 import warnings
+from collections.abc import Mapping
 
 import matplotlib
 import pytest
@@ -479,7 +480,7 @@ def _filled(cls: type):
 def test_log_dict_ready(cls: type) -> None:
     metric, _ = _filled(cls)
     out = metric.compute()
-    assert isinstance(out, dict) and isinstance(out, KLResult)
+    assert isinstance(out, Mapping) and isinstance(out, KLResult)
     for key, value in out.items():
         assert isinstance(key, str)
         assert isinstance(value, torch.Tensor) and value.dim() == 0, key

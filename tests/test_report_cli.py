@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import random
 import shutil
@@ -200,3 +201,51 @@ def test_unwritable_png(logdir, tmp_path):
     assert RUNS[1] in out  # the table is printed before the plot
     assert err.startswith(f"kl-monitor report: cannot write {png}: "), err
     assert len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------- alerts as data
+def _log_run(root: Path, alerts: list, text_only: bool = False) -> None:
+    """One run's event file: two evaluations' scalars and ``alerts`` as the monitor
+    writes them (or only as the human text, as kl_monitor 0.1.0 did)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from kl_monitor import tensorboard as tb
+
+    logger = TensorBoardLogger(str(root), name="run", version="")
+    for step in (10, 20):
+        logger.log_metrics({"kl/forward": 0.5, "kl/reverse": 0.2}, step=step)
+    if text_only:
+        for alert in alerts:
+            logger.experiment.add_text("kl/alerts", tb.alert_text(alert), global_step=20)
+    else:
+        tb.write_extras([logger], "kl", 20, None, alerts)
+    logger.experiment.flush()
+
+
+def _report(root: Path) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["report", str(root)]) == 0
+    return out.getvalue()
+
+
+def test_report_reads_the_alert_records_not_the_wording(tmp_path, monkeypatch):
+    from kl_monitor import Alert
+    from kl_monitor import tensorboard as tb
+
+    alerts = [Alert("collapse", 20, 7.25, (3, 1), "collapse at step 20: …", {"x": math.inf})]
+    _log_run(tmp_path / "plain", alerts)
+    # a different human wording (or none at all) must not change what the report reads
+    monkeypatch.setattr(tb, "alert_text", lambda alert: f"Alarm! {alert.kind} ({alert.step})")
+    _log_run(tmp_path / "reworded", alerts)
+    plain, reworded = _report(tmp_path / "plain"), _report(tmp_path / "reworded")
+    line = "ALERT     collapse at step 20 (statistic 7.25; groups: 3, 1)"
+    assert line in plain and line in reworded
+    assert plain == reworded
+
+
+def test_report_reads_text_only_alerts_of_old_logs(tmp_path):
+    from kl_monitor import Alert
+
+    _log_run(tmp_path, [Alert("coverage_gap", 20, 6.5, (), "…")], text_only=True)
+    assert "ALERT     coverage_gap at step 20 (statistic 6.50; groups: -)" in _report(tmp_path)

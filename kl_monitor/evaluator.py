@@ -1,0 +1,192 @@
+"""Held-out batches to one typed result and the histogram values, computed once.
+
+``Evaluator.accumulate`` runs this rank's share of the held-out batches through the
+user's ``kl_inputs`` under ``torch.no_grad()``, in eval mode and with the monitor's
+own RNG, and feeds each ``KLInputs`` to the metric of its kind (``METRIC_FOR_KIND``:
+adding an input kind is one entry there and one constructor on ``KLInputs``). The
+metric's ``update_from`` returns the per-unit log ratios it computed anyway, so the
+histogram costs no second pass. ``Evaluator.compute`` syncs the metric across ranks
+(a collective) and returns its typed result.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inputs import KLInputs
+from .metrics import CategoricalKL, SampledKL, _KLMetric
+from .results import KLResult
+
+__all__ = ["Evaluator", "METRIC_FOR_KIND", "MetricConfig"]
+
+#: Values kept for the histogram of log ratios (from the first batch on rank zero).
+HIST_VALUES = 4096
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """What the metric factories of ``METRIC_FOR_KIND`` may read."""
+
+    method: str = "cv"
+    reduction: str = "token_mean"
+    num_groups: int | None = None
+
+
+#: Input kind (``KLInputs.kind``) -> the metric that accumulates it.
+METRIC_FOR_KIND: dict[str, Callable[[MetricConfig], _KLMetric]] = {
+    "logits": lambda c: CategoricalKL(reduction=c.reduction, num_groups=c.num_groups),
+    "log_probs": lambda c: SampledKL(method=c.method, num_groups=c.num_groups),
+}
+
+
+@contextmanager
+def _isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Run with seeded RNGs, then restore torch (CPU and the device), numpy and random.
+
+    Training must be bitwise identical with and without the monitor, even when
+    ``kl_inputs`` samples from the model or the held-out loader shuffles.
+    """
+    # the user's code may draw from numpy's legacy global RNG: save and restore it
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)  # noqa: NPY002
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the evaluation; every submodule's own flag restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class Evaluator:
+    """Accumulates held-out batches into the metric of their input kind.
+
+    Args:
+        dataloader: held-out data, or ``None`` for the Trainer's validation loader.
+        inputs_fn: ``(module, batch) -> KLInputs``, or ``None`` for ``module.kl_inputs``.
+        config: what the metric factories read.
+        log_histograms: keep the histogram values of the first batch (rank zero).
+
+    Attributes:
+        kind: the input kind seen first (``None`` before any batch).
+        metric: the metric of that kind.
+        histogram: log ratios of the last evaluation's first batch, or ``None``.
+    """
+
+    def __init__(
+        self,
+        dataloader: Iterable | None,
+        inputs_fn: Callable[[Any, Any], KLInputs] | None,
+        config: MetricConfig,
+        log_histograms: bool = True,
+    ) -> None:
+        self.dataloader = dataloader
+        self.inputs_fn = inputs_fn
+        self.config = config
+        self.log_histograms = log_histograms
+        self.kind: str | None = None
+        self.metric: _KLMetric | None = None
+        self.histogram: torch.Tensor | None = None
+        self._loader: Iterable | None = None
+
+    def reset(self) -> None:
+        if self.metric is not None:
+            self.metric.reset()
+
+    def accumulate(self, trainer: Any, pl_module: Any, limit: int, seed: int) -> None:
+        """Feed this rank's held-out batches (at most ``limit``) to the metric (no collective)."""
+        device = pl_module.device
+        self.histogram = None
+        self.reset()
+        keep_hist = self.log_histograms and trainer.is_global_zero
+        with _isolated_rng(device, seed), torch.no_grad(), _eval_mode(pl_module):
+            seen = 0
+            for batch in self._batches(trainer, limit):
+                seen += 1
+                batch = pl_module.transfer_batch_to_device(batch, device, 0)
+                inputs = self._inputs(pl_module, batch)
+                values = self._metric_for(inputs, device).update_from(inputs)
+                if keep_hist and self.histogram is None:
+                    values = values.reshape(-1)
+                    values = values[torch.isfinite(values)][:HIST_VALUES]
+                    self.histogram = values.detach().float().cpu()
+        if self.metric is None or not seen:  # e.g. a one-shot iterator, exhausted
+            raise ValueError("the held-out dataloader yielded no batch on this rank.")
+
+    def compute(self) -> KLResult:
+        """The typed result over every rank's batches (a collective), then reset."""
+        assert self.metric is not None
+        result = self.metric.compute()
+        self.metric.reset()
+        return result
+
+    def _held_out(self, trainer: Any) -> Iterable:
+        if self.dataloader is not None:
+            return self.dataloader
+        if self._loader is None:
+            # The raw validation source (module hook, datamodule or the loader given to
+            # fit), before Lightning adds a DistributedSampler: we shard it ourselves.
+            source = trainer.fit_loop.epoch_loop.val_loop._data_source
+            loader = source.dataloader() if source.is_defined() else None
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+            if loader is None:
+                raise ValueError(
+                    "KLMonitor has no held-out data: pass `dataloader=` or give the "
+                    "Trainer a validation dataloader."
+                )
+            self._loader = loader
+        return self._loader
+
+    def _batches(self, trainer: Any, limit: int) -> Iterator[Any]:
+        """This rank's share of the first ``limit × world_size`` held-out batches."""
+        world, rank = trainer.world_size, trainer.global_rank
+        taken = 0
+        for index, batch in enumerate(self._held_out(trainer)):
+            if index % world == rank:
+                taken += 1
+                yield batch
+                if taken >= limit:  # stop before fetching a batch that would go unused
+                    break
+
+    def _inputs(self, pl_module: Any, batch: Any) -> KLInputs:
+        fn = self.inputs_fn
+        inputs = fn(pl_module, batch) if fn is not None else pl_module.kl_inputs(batch)
+        if not isinstance(inputs, KLInputs):
+            raise TypeError(
+                "`kl_inputs`/`inputs_fn` must return KLInputs (KLInputs.from_logits or "
+                f"KLInputs.from_log_probs), got {type(inputs).__name__}."
+            )
+        if self.kind is not None and inputs.kind != self.kind:
+            raise ValueError(
+                f"`kl_inputs` returned {inputs.kind!r} inputs, but earlier batches were "
+                f"{self.kind!r}; one monitor takes one kind."
+            )
+        return inputs
+
+    def _metric_for(self, inputs: KLInputs, device: torch.device) -> _KLMetric:
+        if self.metric is None:
+            self.kind = inputs.kind
+            self.metric = METRIC_FOR_KIND[inputs.kind](self.config)
+        return self.metric.to(device)

@@ -1,0 +1,325 @@
+"""Typed results of the metrics: frozen dataclasses that are also flat Mappings.
+
+``compute()`` of every metric returns one of these. The fields are the contract
+(per direction: value, stderr, n and the method actually used; per group: the same
+and the group's mass; entropies; counters). The flat ``str -> 0-dim tensor`` view
+that ``self.log_dict(metric.compute())`` needs is generated from the fields here, in
+``_pairs``, and nowhere else; no module parses a key back.
+
+All numbers are Python floats, read from the metric's states in one host transfer.
+The tensors of the Mapping view are built on first access, in one transfer to the
+metric's device.
+
+Examples:
+    >>> r = CategoricalResult(
+    ...     forward=DirectionEstimate(0.2, 0.01, 100.0, "exact"),
+    ...     reverse=DirectionEstimate(0.1, 0.01, 100.0, "exact"),
+    ...     entropy_reference=1.0, entropy_model=0.9, n_rows=100.0)
+    >>> r.forward.value, float(r["asymmetry"]), r.reduction
+    (0.2, 0.1, 'token_mean')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "DIRECTIONS",
+    "CategoricalResult",
+    "Direction",
+    "DirectionEstimate",
+    "GroupEstimate",
+    "KLResult",
+    "MonteCarloResult",
+    "SampledResult",
+]
+
+Direction = Literal["forward", "reverse"]
+#: The two directions, forward D(P‖Q) first.
+DIRECTIONS: tuple[Direction, ...] = ("forward", "reverse")
+#: ``method_used`` of an exact (categorical) estimate and of an importance-weighted one.
+EXACT, IMPORTANCE_WEIGHTED = "exact", "iw"
+_Pairs = list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class DirectionEstimate:
+    """One direction's estimate over everything the metric has seen.
+
+    Attributes:
+        value: the KL in nats (``+inf`` with support violations).
+        stderr: its standard error.
+        n: units averaged (samples, rows or sequences).
+        method_used: ``"exact"`` (categorical), ``"naive"``, ``"k3"``, ``"cv"`` or
+            ``"iw"`` (importance-weighted reverse).
+        c: the control-variate coefficient applied (Monte Carlo only).
+        variance_reduction: naive variance over the method's (Monte Carlo only).
+        tail_index: Pareto k̂ of the weights (Monte Carlo only).
+        ess: effective sample size (importance-weighted only).
+    """
+
+    value: float
+    stderr: float
+    n: float
+    method_used: str
+    c: float | None = None
+    variance_reduction: float | None = None
+    tail_index: float | None = None
+    ess: float | None = None
+
+
+@dataclass(frozen=True)
+class GroupEstimate:
+    """A group's conditional KL (a naive mean over the group's units).
+
+    Attributes:
+        value: E[log ratio | group] in nats.
+        stderr: its standard error.
+        n: the group's units (rows, sequences or samples).
+        mass: the group's share of the mass the estimate averages over: the share of
+            rows (categorical) or the model's share of mass (sampled reverse);
+            ``None`` where not defined.
+    """
+
+    value: float
+    stderr: float
+    n: float
+    mass: float | None = None
+
+
+class KLResult(Mapping):
+    """Base of the typed results: a read-only ``Mapping[str, Tensor]`` of scalars.
+
+    Subclasses are frozen dataclasses whose ``_pairs`` lists ``(key, float)`` in
+    logging order. ``logged_pairs()`` is the subset the callback logs.
+    """
+
+    device: torch.device | str
+
+    def _pairs(self, logged: bool) -> _Pairs:
+        raise NotImplementedError
+
+    def to_floats(self) -> dict[str, float]:
+        """The Mapping view as plain Python floats (no device transfer)."""
+        return dict(self._pairs(False))
+
+    def logged_pairs(self) -> _Pairs:
+        """What the callback logs: per-group detail (stderr, counts) left out."""
+        return self._pairs(True)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        cached = self.__dict__.get("_cache")
+        if cached is None:
+            pairs = self._pairs(False)
+            values = torch.tensor([v for _, v in pairs], dtype=torch.float64)
+            values = values.to(self.device).unbind(0)
+            cached = {k: v for (k, _), v in zip(pairs, values, strict=True)}
+            object.__setattr__(self, "_cache", cached)
+        return cached
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._tensors()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors())
+
+    def __len__(self) -> int:
+        return len(self._tensors())
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _group_pairs(
+    name: str, groups: Mapping[int, GroupEstimate], g: int, detail: bool, mass_key: str | None
+) -> _Pairs:
+    est = groups.get(g)
+    if est is None:
+        return []
+    out = [(f"{name}/group_{g}", est.value)]
+    if detail:
+        out += [(f"{name}_stderr/group_{g}", est.stderr), (f"{name}_n/group_{g}", est.n)]
+    if mass_key is not None and est.mass is not None:
+        out.append((f"{mass_key}/group_{g}", est.mass))
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class MonteCarloResult(KLResult):
+    """``MonteCarloKL.compute()``: D(A‖B) from samples of A.
+
+    Keys: ``kl``, ``stderr``, ``n``, ``c``, ``variance_reduction``, ``tail_index``,
+    ``nonfinite``, ``support_violations``; per group g ``kl/group_g``,
+    ``stderr/group_g``, ``n/group_g``.
+    """
+
+    estimate: DirectionEstimate
+    method: str
+    nonfinite: float = 0.0
+    support_violations: float = 0.0
+    groups: Mapping[int, GroupEstimate] = field(default_factory=dict)
+    device: torch.device | str = "cpu"
+
+    @property
+    def method_used(self) -> str:
+        return self.estimate.method_used
+
+    def _pairs(self, logged: bool) -> _Pairs:
+        e = self.estimate
+        out = [("kl", e.value), ("stderr", e.stderr), ("n", e.n), ("c", e.c),
+               ("variance_reduction", e.variance_reduction), ("tail_index", e.tail_index),
+               ("nonfinite", self.nonfinite),
+               ("support_violations", self.support_violations)]  # fmt: skip
+        for g, ge in sorted(self.groups.items()):
+            out += [(f"kl/group_{g}", ge.value), (f"stderr/group_{g}", ge.stderr),
+                    (f"n/group_{g}", ge.n)]  # fmt: skip
+        return [(k, float(v)) for k, v in out]
+
+
+@dataclass(frozen=True, eq=False)
+class _BothDirections(KLResult):
+    """Fields shared by the results with both directions (see the subclasses)."""
+
+    forward: DirectionEstimate
+    reverse: DirectionEstimate
+    nonfinite: float = 0.0
+    support_violations: float = 0.0
+    group_forward: Mapping[int, GroupEstimate] = field(default_factory=dict)
+    group_reverse: Mapping[int, GroupEstimate] = field(default_factory=dict)
+    device: torch.device | str = "cpu"
+
+    @property
+    def asymmetry(self) -> float:
+        """forward − reverse (``nan`` when both are ``+inf``)."""
+        return self.forward.value - self.reverse.value
+
+    def direction(self, name: Direction) -> DirectionEstimate:
+        return self.forward if name == "forward" else self.reverse
+
+    def groups(self, name: Direction) -> Mapping[int, GroupEstimate]:
+        return self.group_forward if name == "forward" else self.group_reverse
+
+    def group_weights(self) -> dict[int, float]:
+        """Per group, the weight the alert rules compare with its baseline."""
+        raise NotImplementedError
+
+    def bands(self) -> _Pairs:
+        """``<direction>_lower``/``_upper``: value ∓ 2 stderr where stderr is finite."""
+        out: _Pairs = []
+        for name in DIRECTIONS:
+            est = self.direction(name)
+            if math.isfinite(est.stderr):
+                out += [(f"{name}_lower", est.value - 2.0 * est.stderr),
+                        (f"{name}_upper", est.value + 2.0 * est.stderr)]  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class CategoricalResult(_BothDirections):
+    """``CategoricalKL.compute()``: exact KL in both directions from logits.
+
+    Keys: ``forward``, ``reverse``, ``asymmetry``, ``forward_stderr``,
+    ``reverse_stderr``, ``entropy_reference``, ``entropy_model``,
+    ``support_violations``, ``nonfinite``, ``n`` (units), ``n_rows``; per group g
+    ``forward/group_g``, ``reverse/group_g``, ``forward_stderr/group_g``,
+    ``reverse_stderr/group_g``, ``n/group_g``. Logged, ``n/group_g`` becomes
+    ``mass/group_g`` (the group's share of the units) and the stderrs are left out.
+    """
+
+    entropy_reference: float = math.nan
+    entropy_model: float = math.nan
+    n_rows: float = 0.0
+    reduction: str = "token_mean"
+
+    def group_weights(self) -> dict[int, float]:
+        # the reference's units per group: both directions average over the same rows
+        return {g: est.n for g, est in self.group_forward.items()}
+
+    def _pairs(self, logged: bool) -> _Pairs:
+        f, r = self.forward, self.reverse
+        out = [("forward", f.value), ("reverse", r.value), ("asymmetry", self.asymmetry),
+               ("forward_stderr", f.stderr), ("reverse_stderr", r.stderr),
+               ("entropy_reference", self.entropy_reference),
+               ("entropy_model", self.entropy_model),
+               ("support_violations", self.support_violations), ("nonfinite", self.nonfinite),
+               ("n", f.n), ("n_rows", self.n_rows)]  # fmt: skip
+        for g, gf in sorted(self.group_forward.items()):
+            gr = self.group_reverse[g]
+            out += [(f"forward/group_{g}", gf.value), (f"reverse/group_{g}", gr.value)]
+            if logged:
+                out.append((f"mass/group_{g}", gf.mass if gf.mass is not None else 0.0))
+            else:
+                out += [(f"forward_stderr/group_{g}", gf.stderr),
+                        (f"reverse_stderr/group_{g}", gr.stderr),
+                        (f"n/group_{g}", gf.n)]  # fmt: skip
+        return [(k, float(v)) for k, v in out]
+
+
+@dataclass(frozen=True, eq=False)
+class SampledResult(_BothDirections):
+    """``SampledKL.compute()``: both directions from samples.
+
+    Keys: ``forward``, ``forward_stderr``, ``forward_n``, ``forward_c``,
+    ``forward_variance_reduction``, ``forward_tail_index``; ``reverse``,
+    ``reverse_stderr``, ``reverse_n``, ``reverse_ess``, ``reverse_tail_index``,
+    ``reverse_importance_weighted`` and, with model samples, ``reverse_c`` and
+    ``reverse_variance_reduction``; ``asymmetry``, ``nonfinite``,
+    ``support_violations``; per group g ``forward/group_g``, ``forward_stderr/group_g``,
+    ``forward_n/group_g`` and, where the model has mass, ``reverse/group_g``,
+    ``reverse_stderr/group_g``, ``reverse_n/group_g``, ``reverse_mass/group_g``.
+    Logged, the per-group stderrs and counts are left out.
+    """
+
+    method: str = "cv"
+
+    @property
+    def importance_weighted(self) -> bool:
+        return self.reverse.method_used == IMPORTANCE_WEIGHTED
+
+    @property
+    def reverse_estimator(self) -> str:
+        return "importance_weighted" if self.importance_weighted else "model_samples"
+
+    @property
+    def forward_method_used(self) -> str:
+        return self.forward.method_used
+
+    @property
+    def reverse_method_used(self) -> str:
+        return self.reverse.method_used
+
+    def group_weights(self) -> dict[int, float]:
+        # the model's share of mass; 0 where the reference has the group and the model not
+        mass = {g: est.mass or 0.0 for g, est in self.group_reverse.items()}
+        return {g: mass.get(g, 0.0) for g in self.group_forward}
+
+    def _pairs(self, logged: bool) -> _Pairs:
+        f, r = self.forward, self.reverse
+        out = [("forward", f.value), ("forward_stderr", f.stderr), ("forward_n", f.n),
+               ("forward_c", f.c), ("forward_variance_reduction", f.variance_reduction),
+               ("forward_tail_index", f.tail_index),
+               ("reverse", r.value), ("reverse_stderr", r.stderr), ("reverse_n", r.n),
+               ("reverse_ess", r.ess if self.importance_weighted else r.n),
+               ("reverse_tail_index", r.tail_index),
+               ("reverse_importance_weighted", float(self.importance_weighted))]  # fmt: skip
+        if not self.importance_weighted:
+            out += [("reverse_c", r.c), ("reverse_variance_reduction", r.variance_reduction)]
+        out += [("asymmetry", self.asymmetry), ("nonfinite", self.nonfinite),
+                ("support_violations", self.support_violations)]  # fmt: skip
+        detail = not logged
+        for g in sorted(self.group_forward):
+            out += _group_pairs("forward", self.group_forward, g, detail, None)
+            if self.importance_weighted:
+                out += _group_pairs("reverse", self.group_reverse, g, detail, "reverse_mass")
+        if not self.importance_weighted:
+            for g in sorted(self.group_reverse):
+                out += _group_pairs("reverse", self.group_reverse, g, detail, "reverse_mass")
+        return [(k, float(v)) for k, v in out]
