@@ -33,18 +33,10 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
+from . import results
 from ._utils import check_floating, check_logits, check_nonfinite_mode
 from .estimators import categorical_kl_rows, kept_rows
-from .results import (
-    EXACT,
-    IMPORTANCE_WEIGHTED,
-    CategoricalResult,
-    DirectionEstimate,
-    GroupEstimate,
-    KLResult,
-    MonteCarloResult,
-    SampledResult,
-)
+from .results import DirectionEstimate, GroupEstimate, KLResult
 from .stats import _COLUMNS, LU, METHODS, NONFINITE, SUPPORT, TOP_K, WW, WWL, WWLL, KLStats, U
 from .stats import L as _L
 from .stats import N as _N
@@ -437,7 +429,7 @@ class MonteCarloKL(_SampleMetric):
         self._add_sample_batch("", self._sample_batch(inputs.reference, inputs.model, labels))
         return inputs.reference.detach().double() - inputs.model.detach().double()
 
-    def compute(self) -> MonteCarloResult:
+    def compute(self) -> results.MonteCarloResult:
         """The estimate over everything seen since the last reset (all ranks)."""
         ((stats, groups),) = self._host_stats("")
         if not self._usable(stats):
@@ -446,7 +438,7 @@ class MonteCarloKL(_SampleMetric):
                 f"({int(stats.counts[NONFINITE])} non-finite samples dropped); call update() first."
             )
         est = stats.estimate(self.method)
-        return MonteCarloResult(
+        return results.MonteCarloResult(
             estimate=_direction(est),
             method=self.method,
             nonfinite=float(est.nonfinite),
@@ -637,7 +629,7 @@ class CategoricalKL(_KLMetric):
             )
         return hist
 
-    def compute(self) -> CategoricalResult:
+    def compute(self) -> results.CategoricalResult:
         """Forward and reverse KL over everything seen since the last reset (all ranks)."""
         grouped = self.num_groups is not None
         host = _to_host([self.stats, self.group_stats] if grouped else [self.stats])
@@ -654,7 +646,7 @@ class CategoricalKL(_KLMetric):
             if c["n"]:
                 group_forward[g] = _unit_mean(c, "f", mass=c["n"] / n)
                 group_reverse[g] = _unit_mean(c, "r", mass=c["n"] / n)
-        return CategoricalResult(
+        return results.CategoricalResult(
             forward=_unit_mean(s, "f"), reverse=_unit_mean(s, "r"),
             nonfinite=s["nonfinite"], support_violations=s["support"],
             group_forward=group_forward, group_reverse=group_reverse, device=self.device,
@@ -667,7 +659,7 @@ def _unit_mean(cols: Mapping[str, float], name: str, mass: float | None = None) 
     """Mean and stderr of column ``name`` (f or r) over the units, as an estimate."""
     value, stderr = _mean_stderr(cols["n"], cols[name], cols[name * 2], cols[f"{name}_inf"])
     if mass is None:
-        return DirectionEstimate(value, stderr, cols["n"], EXACT)
+        return DirectionEstimate(value, stderr, cols["n"], results.EXACT)
     return GroupEstimate(value, stderr, cols["n"], mass)
 
 
@@ -790,7 +782,7 @@ class SampledKL(_SampleMetric):
         if model_batch is not None:
             self._add_sample_batch("model_", model_batch)
 
-    def compute(self) -> SampledResult:
+    def compute(self) -> results.SampledResult:
         """Both directions over everything seen since the last reset (all ranks)."""
         (ref, ref_groups), (model, model_groups) = self._host_stats("ref_", "model_")
         if not self._usable(ref):
@@ -815,10 +807,12 @@ class SampledKL(_SampleMetric):
             }  # fmt: skip
         else:
             iw = ref.importance_weighted_reverse()
-            reverse = DirectionEstimate(iw.value, iw.stderr, float(iw.n), IMPORTANCE_WEIGHTED,
-                                        tail_index=iw.tail_index, ess=iw.ess)  # fmt: skip
+            reverse = DirectionEstimate(
+                iw.value, iw.stderr, float(iw.n), results.IMPORTANCE_WEIGHTED,
+                tail_index=iw.tail_index, ess=iw.ess,
+            )  # fmt: skip
             group_reverse = _iw_groups(ref_groups, ref)
-        return SampledResult(
+        return results.SampledResult(
             forward=_direction(ref.estimate(self.method)), reverse=reverse,
             nonfinite=float(ref.counts[NONFINITE] + model.counts[NONFINITE]),
             support_violations=float(ref.counts[SUPPORT] + model.counts[SUPPORT]),
