@@ -619,9 +619,9 @@ class AlertRules:
         k: float = 0.5,
         h: float = 5.0,
         warmup: int = 5,
+        kinds: Iterable[str] = ALERT_KINDS,
         min_effect: float = 0.05,
         entropy_drop: float = 0.5,
-        kinds: Iterable[str] = ALERT_KINDS,
         rearm: float = 0.0,
     ) -> None:
         # One throwaway detector validates the shared settings with its messages.

@@ -170,6 +170,15 @@ class _KLMetric(Metric):
     #: keys drawn by ``plot`` (counts and diagnostics would swamp the axis).
     _plot_keys: tuple[str, ...] = ()
 
+    def __init__(
+        self, nonfinite: str, num_groups: int | None, validate_args: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        check_nonfinite_mode(nonfinite)
+        self.nonfinite = nonfinite
+        self.num_groups = _check_num_groups(num_groups)
+        self.validate_args = validate_args
+
     def update_from(self, inputs: KLInputs) -> Tensor:
         """Add one batch of ``KLInputs`` (validated when built: not checked again).
 
@@ -340,14 +349,10 @@ class _SampleMetric(_KLMetric):
         validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-        check_nonfinite_mode(nonfinite)
+        super().__init__(nonfinite, num_groups, validate_args, **kwargs)
         self.method = method
-        self.nonfinite = nonfinite
-        self.num_groups = _check_num_groups(num_groups)
-        self.validate_args = validate_args
         for prefix in self._sample_sets:
             self._add_sample_states(prefix, self.num_groups)
 
@@ -538,17 +543,13 @@ class CategoricalKL(_KLMetric):
         validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         if reduction not in REDUCTIONS:
             raise ValueError(
                 f"`reduction` must be 'token_mean' (mean over unmasked rows) or 'sequence_sum' "
                 f"(sum over positions, mean over sequences), got {reduction!r}."
             )
-        check_nonfinite_mode(nonfinite)
+        super().__init__(nonfinite, num_groups, validate_args, **kwargs)
         self.reduction = reduction
-        self.nonfinite = nonfinite
-        self.num_groups = _check_num_groups(num_groups)
-        self.validate_args = validate_args
         self.add_state("stats", torch.zeros(len(_CAT_COLUMNS), dtype=_F64), dist_reduce_fx="sum")
         if self.num_groups is not None:
             self.add_state(

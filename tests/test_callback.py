@@ -456,3 +456,28 @@ def test_fixed_cadence_and_budget_validation():
     assert KLMonitor(every_n_train_steps=7).every_n_train_steps == 7
     with pytest.raises(ValueError, match="overhead_budget"):
         KLMonitor(overhead_budget=1.5)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_state_written_by_version_0_1_0_still_loads():
+    """tests/data/monitor_state_v1.json: ``KLMonitor.state_dict()`` of kl_monitor 0.1.0
+    (commit 5e4290b) after a scripted collapse, saved as JSON."""
+    import json
+    from pathlib import Path
+
+    from kl_monitor import Evaluation
+
+    text = (Path(__file__).parent / "data" / "monitor_state_v1.json").read_text()
+    old = json.loads(text)
+    monitor = KLMonitor(every_n_train_steps=1, num_groups=8)
+    monitor.load_state_dict(old)
+    assert monitor.n_evals == old["n_evals"] and monitor.alerts[0].kind == "collapse"
+    # the same state comes back out, in the same form
+    again = json.loads(json.dumps(monitor.state_dict(), allow_nan=True))
+    assert json.dumps(again, sort_keys=True) == json.dumps(old, sort_keys=True)
+    # and the restored detectors carry on
+    last = old["last_result"]
+    monitor.rules.update(Evaluation(old["last_eval_step"] + 1, last["kl/forward"], 0.01,
+                                    last["kl/reverse"], 0.01))  # fmt: skip
+    with pytest.raises(ValueError, match="version 2"):
+        KLMonitor().load_state_dict(dict(old, version=2))

@@ -178,3 +178,17 @@ def test_evaluation_from_result_is_the_detectors_view():
     # samples: the model's share of mass; group 0 has reference samples only
     assert ev.group_count == {0: 0.0, 1: out.group_reverse[1].mass}
     assert ev.entropy_model is None and math.isfinite(ev.reverse_stderr)
+
+
+def test_every_input_kind_has_a_metric():
+    from kl_monitor import INPUT_KINDS, KLInputs
+    from kl_monitor.evaluator import METRIC_FOR_KIND, MetricConfig
+
+    assert set(METRIC_FOR_KIND) == set(INPUT_KINDS)
+    inputs = {"logits": KLInputs.from_logits(*_logits()[:2]),
+              "log_probs": KLInputs.from_log_probs(torch.zeros(5), torch.zeros(5))}  # fmt: skip
+    for kind in INPUT_KINDS:
+        assert inputs[kind].kind == kind
+        metric = METRIC_FOR_KIND[kind](MetricConfig())
+        values = metric.update_from(inputs[kind])  # the histogram's values, from the same pass
+        assert values.numel() > 0 and float(metric.compute()["forward"]) >= 0
