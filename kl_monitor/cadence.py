@@ -6,9 +6,14 @@ tested on a plain list-backed clock.
 
 Fixed cadence: every ``every_n_train_steps`` optimizer steps. Adaptive cadence
 (``every_n_train_steps=None``): the next evaluation is the first step at which the
-seconds spent evaluating so far (the sanity evaluation included) are at most
-``overhead_budget`` of the seconds spent training, predicted from the mean duration
-of the training steps since the last evaluation.
+seconds spent evaluating so far (the sanity evaluation included) *plus the next
+evaluation's* (predicted: the last one's) are at most ``overhead_budget`` of the
+seconds spent training, predicted from the mean duration of the training steps since
+the last evaluation: T ≥ (E + e) / budget. Paying in advance keeps the monitor
+within its budget right after each evaluation, not only right before it (paying
+after, a run ending just after an evaluation has spent up to budget × (k + 1) / k,
+with k evaluations in the loop). The time to agree on the next
+step counts as evaluation time too.
 
 Examples:
     >>> now = [0.0]
@@ -71,6 +76,8 @@ class Cadence:
         self._start: float | None = None
         self._start_step = 0
         self._timing_only = False
+        # seconds of the last evaluation: the prediction of the next one's
+        self._last_seconds: float | None = None
 
     @property
     def resumed(self) -> bool:
@@ -85,6 +92,7 @@ class Cadence:
     def after_sanity(self, step: int, seconds: float) -> None:
         """The sanity evaluation of a fresh run took ``seconds``: schedule the first one."""
         self.seconds_evaluating += seconds
+        self._last_seconds = seconds
         if self.every_n_train_steps is None:
             # the first interval only times training steps: the sanity run timed an evaluation
             self._timing_only = True
@@ -120,9 +128,12 @@ class Cadence:
             self._timing_only = False
         else:
             evaluate()
-            self.seconds_evaluating += self.clock() - trained_until
+            self._last_seconds = self.clock() - trained_until
+            self.seconds_evaluating += self._last_seconds
+        agreeing = self.clock()
         self.next_eval_step = self._next_step(step, per_step, agree)
         self._restart(step)
+        self.seconds_evaluating += self._start - agreeing  # a collective under DDP
 
     def _restart(self, step: int) -> None:
         self._start, self._start_step = self.clock(), step
@@ -132,7 +143,11 @@ class Cadence:
             return (step // self.every_n_train_steps + 1) * self.every_n_train_steps
         interval = FIRST_INTERVAL
         if per_step is not None:
-            owed = self.seconds_evaluating / self.overhead_budget - self.seconds_training
+            upcoming = self._last_seconds
+            if upcoming is None:  # resumed: no evaluation timed yet in this process
+                upcoming = self.seconds_evaluating / max(self.n_evals, 1)
+            owed = (self.seconds_evaluating + upcoming) / self.overhead_budget
+            owed -= self.seconds_training
             interval = min(max(math.ceil(owed / max(per_step, 1e-9)), 1), MAX_INTERVAL)
         return step + int(agree(interval))
 

@@ -19,11 +19,15 @@ from the ``Callback`` class of every installed namespace (``lightning.pytorch`` 
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from . import _lightning_compat as compat
 from . import actions
 from . import tensorboard as tb
+from ._utils import warn_once
 from .actions import KLAlertWarning, KLMonitorWarning
 from .cadence import Cadence
 from .detectors import ALERT_KINDS, Alert, AlertRules, Evaluation
@@ -85,6 +89,7 @@ class _KLMonitorLogic:
         self,
         dataloader: Iterable | None = None,
         *,
+        val_loader: int | str | None = None,
         inputs_fn: Callable[[Any, Any], KLInputs] | None = None,
         every_n_train_steps: int | None = None,
         overhead_budget: float = 0.02,
@@ -103,6 +108,7 @@ class _KLMonitorLogic:
         stop_on = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
         _check_config(every_n_train_steps, overhead_budget, max_batches, method, reduction,
                       prefix, rules, inputs_fn, on_alert, stop_on)  # fmt: skip
+        compat.check_val_loader(val_loader)
         self.every_n_train_steps = every_n_train_steps
         self.overhead_budget = float(overhead_budget)
         self.max_batches = max_batches
@@ -115,14 +121,26 @@ class _KLMonitorLogic:
         self.seed = seed
         self.cadence = Cadence(every_n_train_steps, overhead_budget)
         self.evaluator = Evaluator(
-            dataloader, inputs_fn, MetricConfig(method, reduction, num_groups), log_histograms
-        )
+            dataloader, inputs_fn, MetricConfig(method, reduction, num_groups), log_histograms,
+            val_loader,
+        )  # fmt: skip
+        self._fresh_rules = copy.deepcopy(self.rules.state_dict())
+        self._reset_run()
+        self._layout_written = False
+        self._trainer_ref: Callable[[], Any] | None = None
+        self._continuing, self._sanity_seconds = False, 0.0
+
+    def _reset_run(self) -> None:
+        """Forget every evaluation, as a new monitor would (reuse, a changed input kind)."""
+        self.cadence = Cadence(self.every_n_train_steps, self.overhead_budget, self.cadence.clock)
         self.failures = 0
         self.alerts: list[Alert] = []
         #: the scalars logged at the last evaluation, and its typed result
         self.last_result: dict[str, float] = {}
         self.last_evaluation: KLResult | None = None
-        self._layout_written = False
+        self.rules.load_state_dict(copy.deepcopy(self._fresh_rules))
+        # the checkpoint's input kind, compared with the inputs' at on_train_start
+        self._restored_kind: str | None = None
 
     # the checkpointed schedule lives in the cadence
     n_evals = property(lambda self: self.cadence.n_evals)
@@ -145,28 +163,57 @@ class _KLMonitorLogic:
                 f"`kl_inputs(self, batch) -> KLInputs` on {type(pl_module).__name__}, "
                 "or pass `inputs_fn=lambda module, batch: KLInputs...` to KLMonitor."
             )
+        # Before the checkpoint is restored. Another Trainer: a new run (documented
+        # reuse); a checkpoint, if any, restores the monitor's state after this.
+        if self._trainer_ref is not None and self._trainer_ref() is not trainer:
+            self._reset_run()
+            self.evaluator.kind, self.evaluator.metric = None, None
+            self._layout_written = False
+        self._trainer_ref = weakref.ref(trainer)
+        self.evaluator.held = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        # A resumed run already evaluated at its checkpoint step: only validate.
-        resumed = self.cadence.resumed
+        # The loop's step (and, with some strategies, this callback's state) is restored
+        # only after this hook: validate here; on_train_start logs at the restored step.
+        self._continuing = compat.continuing(trainer, self.cadence.resumed)
         started = self.cadence.clock()
+        self._sanity(trainer, pl_module, 1 if self._continuing else self.max_batches)
+        if trainer.is_global_zero:
+            compat.log_line(trainer, self.prefix, self.evaluator.held, self.cadence)
+        if trainer.is_global_zero and not self._layout_written:
+            unit = _UNIT[self.reduction] if self.evaluator.kind == "logits" else "nats"
+            self._layout_written = tb.write_layout(trainer.loggers, self.prefix, unit)
+        self._sanity_seconds = self.cadence.clock() - started  # all of it is budgeted
+
+    def _sanity(self, trainer: Any, pl_module: Any, limit: int) -> None:
+        """Evaluate before training; any error stops ``fit`` now, with a clear message."""
         try:
-            self._accumulate(trainer, pl_module, 1 if resumed else self.max_batches)
+            compat.check_module_device(pl_module)
+            self._accumulate(trainer, pl_module, limit)
         except Exception as err:
             raise RuntimeError(
                 "KLMonitor sanity evaluation failed before training started "
                 f"({type(err).__name__}: {err}). Check `kl_inputs`/`inputs_fn` and the "
                 "held-out dataloader: they must return KLInputs for one batch."
             ) from err
-        if trainer.is_global_zero and not self._layout_written:
-            unit = _UNIT[self.reduction] if self.evaluator.kind == "logits" else "nats"
-            self._layout_written = tb.write_layout(trainer.loggers, self.prefix, unit)
-        if resumed:
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if self.cadence.resumed and self._restored_kind not in (None, self.evaluator.kind):
+            compat.warn_kind_changed(trainer, self.prefix, self._restored_kind,
+                                     self.evaluator.kind, self.n_evals, step)  # fmt: skip
+            self._reset_run()
+            self._continuing = True
+        if self.cadence.resumed:  # the checkpoint's series goes on
             self.evaluator.reset()
             self.cadence.after_resume()
             return
-        self._finish(trainer, pl_module, step=trainer.global_step, in_step=False)
-        self.cadence.after_sanity(trainer.global_step, self.cadence.clock() - started)
+        started = self.cadence.clock()
+        if self._continuing:  # resumed without monitor state: evaluate at this step
+            self._sanity(trainer, pl_module, self.max_batches)
+        self._finish(trainer, pl_module, step=step, in_step=False)
+        seconds = self._sanity_seconds + self.cadence.clock() - started
+        self.cadence.after_sanity(step, seconds)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -186,7 +233,7 @@ class _KLMonitorLogic:
             "failures": self.failures,
             "alerts": [a.to_dict() for a in self.alerts],
             "rules": self.rules.state_dict(),
-            "kind": self.evaluator.kind,
+            "kind": self.evaluator.kind or self._restored_kind,
             "last_result": dict(self.last_result),
         }
 
@@ -201,7 +248,7 @@ class _KLMonitorLogic:
         self.failures = int(state_dict["failures"])
         self.alerts = [Alert(**a) for a in state_dict["alerts"]]
         self.rules.load_state_dict(state_dict["rules"])
-        self.evaluator.kind = state_dict.get("kind")
+        self._restored_kind = state_dict.get("kind")
         self.last_result = dict(state_dict.get("last_result", {}))
 
     # ---------------------------------------------------------------- evaluation
@@ -222,6 +269,12 @@ class _KLMonitorLogic:
         return self._finish(trainer, pl_module, step=trainer.global_step, in_step=True)
 
     def _accumulate(self, trainer: Any, pl_module: Any, limit: int) -> None:
+        if self.evaluator.held is None:
+            held = self.evaluator.held_out(trainer, self.max_batches)
+            if held.note:
+                warn_once(f"limit_val_batches/{self.prefix}",
+                          f"KLMonitor(prefix={self.prefix!r}) evaluates {held.note}.",
+                          KLMonitorWarning)  # fmt: skip
         self.evaluator.accumulate(trainer, pl_module, limit, self.seed + self.cadence.n_evals)
 
     def _skip(self, trainer: Any, error: BaseException | None) -> None:
@@ -293,17 +346,40 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
     warn on rank zero, go to ``on_alert(alert)`` on rank zero, and stop training
     when their kind is in ``stop_on`` (agreed across ranks).
 
+    Held-out batches take the path of Lightning's own validation batches: the
+    precision plugin's input conversion (``"64-true"``, ``"bf16-true"``...), the
+    ``on_before_batch_transfer``/``transfer_batch_to_device``/``on_after_batch_transfer``
+    hooks, the precision plugin's validation-step context and
+    ``on_validation_model_eval``. The first log line names the loader used.
+
+    Resuming and reuse: a checkpoint with the monitor's state continues its series,
+    baselines and alerts. A checkpoint saved without it (the monitor added mid-project)
+    starts them at the resumed step: an evaluation there, then the normal cadence. If
+    ``kl_inputs`` now returns another input kind than the checkpoint's series, a
+    ``KLMonitorWarning`` names both and the monitor restarts at the resumed step. The
+    same instance in a new ``Trainer`` restarts as a new monitor would (series,
+    baselines, alerts, cadence); a second ``fit`` on the same ``Trainer`` continues.
+
     Args:
         dataloader: held-out data (default: the Trainer's validation dataloader). It
             is sharded across DDP ranks by batch index.
+        val_loader: which of several Trainer validation dataloaders to use: a
+            position (list) or a key (dict, ``CombinedLoader`` of a dict); required
+            when there are several. ``Trainer(limit_val_batches=...)`` caps the
+            batches taken from it (a warning says so when it is below
+            ``max_batches``); it does not apply to ``dataloader``.
         inputs_fn: ``(module, batch) -> KLInputs``, instead of ``module.kl_inputs``.
         every_n_train_steps: fixed evaluation cadence in optimizer steps; ``None``
             (default) adapts the cadence to ``overhead_budget``.
         overhead_budget: with the adaptive cadence, the fraction of training wall time
             the monitor may spend evaluating (default 0.02), sanity evaluation
-            included: the next evaluation comes once training time has reached
-            evaluation time / budget. The first 10 steps only time a training step;
-            intervals are at most 10,000 steps.
+            included, and everything an evaluation does counts (held-out loading,
+            ``kl_inputs``, the metric, logging, histograms): the next evaluation
+            comes once training time has reached (evaluation time so far + the last
+            evaluation's time) / budget, so the budget holds right after each
+            evaluation too. Only a run shorter than sanity evaluation / budget
+            spends more. The first 10 steps only time a training step; intervals
+            are at most 10,000 steps.
         max_batches: held-out batches per evaluation, per rank.
         method: estimator for sampled inputs: ``"cv"`` (default), ``"k3"``, ``"naive"``.
         reduction: for logits of shape (batch, seq, K): ``"token_mean"`` or

@@ -2,11 +2,12 @@
 
 ``Evaluator.accumulate`` runs this rank's share of the held-out batches through the
 user's ``kl_inputs`` under ``torch.no_grad()``, in eval mode and with the monitor's
-own RNG, and feeds each ``KLInputs`` to the metric of its kind (``METRIC_FOR_KIND``:
-adding an input kind is one entry there and one constructor on ``KLInputs``). The
-metric's ``update_from`` returns the per-unit log ratios it computed anyway, so the
-histogram costs no second pass. ``Evaluator.compute`` syncs the metric across ranks
-(a collective) and returns its typed result.
+own RNG, along the path of Lightning's own validation batches (precision plugin,
+batch hooks: ``_lightning_compat``), and feeds each ``KLInputs`` to the metric of its
+kind (``METRIC_FOR_KIND``: adding an input kind is one entry there and one constructor
+on ``KLInputs``). The metric's ``update_from`` returns the per-unit log ratios it
+computed anyway, so the histogram costs no second pass. ``Evaluator.compute`` syncs
+the metric across ranks (a collective) and returns its typed result.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _lightning_compat as compat
 from .inputs import KLInputs
 from .metrics import CategoricalKL, SampledKL, _KLMetric
 from .results import KLResult
@@ -67,18 +69,6 @@ def _isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
             np.random.set_state(np_state)  # noqa: NPY002
 
 
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the evaluation; every submodule's own flag restored afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 class Evaluator:
     """Accumulates held-out batches into the metric of their input kind.
 
@@ -87,6 +77,7 @@ class Evaluator:
         inputs_fn: ``(module, batch) -> KLInputs``, or ``None`` for ``module.kl_inputs``.
         config: what the metric factories read.
         log_histograms: keep the histogram values of the first batch (rank zero).
+        val_loader: which of several Trainer validation dataloaders (position or key).
 
     Attributes:
         kind: the input kind seen first (``None`` before any batch).
@@ -100,6 +91,7 @@ class Evaluator:
         inputs_fn: Callable[[Any, Any], KLInputs] | None,
         config: MetricConfig,
         log_histograms: bool = True,
+        val_loader: int | str | None = None,
     ) -> None:
         self.dataloader = dataloader
         self.inputs_fn = inputs_fn
@@ -108,7 +100,8 @@ class Evaluator:
         self.kind: str | None = None
         self.metric: _KLMetric | None = None
         self.histogram: torch.Tensor | None = None
-        self._loader: Iterable | None = None
+        self.val_loader = val_loader
+        self.held: compat.HeldOut | None = None
 
     def reset(self) -> None:
         if self.metric is not None:
@@ -120,12 +113,16 @@ class Evaluator:
         self.histogram = None
         self.reset()
         keep_hist = self.log_histograms and trainer.is_global_zero
-        with _isolated_rng(device, seed), torch.no_grad(), _eval_mode(pl_module):
+        held = self.held_out(trainer, limit)
+        with _isolated_rng(device, seed), torch.no_grad(), compat.validation_mode(pl_module):
             seen = 0
-            for batch in self._batches(trainer, limit):
+            for batch in self._batches(trainer, min(limit, held.limit)):
                 seen += 1
-                batch = pl_module.transfer_batch_to_device(batch, device, 0)
-                inputs = self._inputs(pl_module, batch)
+                # as Lightning's own validation: precision, batch hooks, step context
+                batch = compat.prepare_batch(trainer, pl_module, batch, held.index)
+                with compat.step_context(trainer):
+                    inputs = self._inputs(pl_module, batch)
+                compat.check_inputs_device(inputs, device)
                 values = self._metric_for(inputs, device).update_from(inputs)
                 if keep_hist and self.histogram is None:
                     values = values.reshape(-1)
@@ -141,29 +138,18 @@ class Evaluator:
         self.metric.reset()
         return result
 
-    def _held_out(self, trainer: Any) -> Iterable:
-        if self.dataloader is not None:
-            return self.dataloader
-        if self._loader is None:
-            # The raw validation source (module hook, datamodule or the loader given to
-            # fit), before Lightning adds a DistributedSampler: we shard it ourselves.
-            source = trainer.fit_loop.epoch_loop.val_loop._data_source
-            loader = source.dataloader() if source.is_defined() else None
-            if isinstance(loader, (list, tuple)):
-                loader = loader[0] if loader else None
-            if loader is None:
-                raise ValueError(
-                    "KLMonitor has no held-out data: pass `dataloader=` or give the "
-                    "Trainer a validation dataloader."
-                )
-            self._loader = loader
-        return self._loader
+    def held_out(self, trainer: Any, max_batches: int) -> compat.HeldOut:
+        """The held-out loader, chosen once per fit (``held = None`` to choose again)."""
+        if self.held is None:
+            self.held = compat.resolve(trainer, self.dataloader, self.val_loader, max_batches)
+        return self.held
 
     def _batches(self, trainer: Any, limit: int) -> Iterator[Any]:
         """This rank's share of the first ``limit × world_size`` held-out batches."""
         world, rank = trainer.world_size, trainer.global_rank
         taken = 0
-        for index, batch in enumerate(self._held_out(trainer)):
+        assert self.held is not None
+        for index, batch in enumerate(self.held.loader):
             if index % world == rank:
                 taken += 1
                 yield batch

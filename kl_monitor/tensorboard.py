@@ -9,6 +9,7 @@ object (``Alert.to_dict()``) under ``<prefix>/alert_records``, which is what
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -71,11 +72,21 @@ def _writers(loggers: Iterable[Any]) -> list[Any]:
     return writers
 
 
+# Every monitor's categories per writer: TensorBoard shows the last layout written to a
+# run, so each monitor (one per prefix) writes the union, not only its own.
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
 def write_layout(loggers: Iterable[Any], prefix: str, unit: str = "nats") -> bool:
-    """Add the layout to every TensorBoard logger; True if there was one."""
+    """Add this prefix's layout to every TensorBoard logger, keeping the others'.
+
+    Returns True if there was a TensorBoard logger.
+    """
     writers = _writers(loggers)
     for writer in writers:
-        writer.add_custom_scalars(layout(prefix, unit))
+        merged = _LAYOUTS.setdefault(writer, {})
+        merged.update(layout(prefix, unit))
+        writer.add_custom_scalars(dict(merged))
     return bool(writers)
 
 

@@ -439,16 +439,17 @@ def _clocked_run(budget: float, steps: int = 300):
 
 
 def test_default_cadence_keeps_evaluation_within_the_overhead_budget():
-    # 2% budget: the 0.2 s sanity evaluation is paid off after 10 s of training (1000
-    # steps), so nothing more runs in 300 steps; the first 10 steps only timed a step.
+    # 2% budget, paid in advance: the 0.2 s sanity evaluation and the next one are paid
+    # off after 20 s of training (2000 steps), so nothing more runs in 300 steps; the
+    # first 10 steps only timed a step.
     tight = _clocked_run(0.02)
-    assert tight.n_evals == 1 and tight.next_eval_step == 1000
+    assert tight.n_evals == 1 and tight.next_eval_step == 2000
     assert tight.cadence.seconds_evaluating == pytest.approx(0.2)
     # 50% budget: an evaluation every 40 steps (0.2 s = 0.5 × 40 × 10 ms), the first
-    # at step 30 (0.4 s of training pays for the sanity evaluation).
+    # at step 80 (0.8 s of training pays for the sanity evaluation and that one).
     loose = _clocked_run(0.5)
-    assert loose.n_evals == 1 + len(range(30, 301, 40))
-    budget = 0.5 * loose.cadence.seconds_training + 0.2 + 1e-9
+    assert loose.n_evals == 1 + len(range(80, 301, 40))
+    budget = 0.5 * loose.cadence.seconds_training + 1e-9
     assert loose.cadence.seconds_evaluating <= budget
 
 

@@ -40,9 +40,8 @@ def demo_run(tmp_path_factory):
         contextlib.redirect_stdout(stdout),
     ):
         warnings.simplefilter("always")
-        rc = demo.main(
-            ["--out", str(out), "--steps", str(STEPS), "--every", str(EVERY), "--no-progress"]
-        )
+        # no --no-progress: stdout is not a terminal here, which hides the bars
+        rc = demo.main(["--out", str(out), "--steps", str(STEPS), "--every", str(EVERY)])
     assert rc == 0
     return out, stdout.getvalue(), caught
 
@@ -133,3 +132,13 @@ def test_logs_carry_both_directions_with_stderr(demo_run):
         assert len(steps) == STEPS // EVERY + 1  # sanity evaluation + every EVERY steps
         for tag in ("kl/reverse", "kl/forward_stderr", "kl/reverse_stderr", "kl/asymmetry"):
             assert run.series(tag)[0] == steps, tag
+
+
+def test_piped_output_has_one_line_per_run_and_no_progress_bar(demo_run):
+    _, stdout, _ = demo_run
+    runs = [line for line in stdout.splitlines() if line.startswith("=== ")]
+    assert len(runs) == 2, stdout
+    assert "forward KL training" in runs[0] and "reverse KL training" in runs[1]
+    assert "evaluations" in runs[1] and "alert" in runs[1]
+    assert "\r" not in stdout and "it/s" not in stdout
+    assert len(stdout.splitlines()) < 30, stdout
