@@ -377,9 +377,10 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
             ``kl_inputs``, the metric, logging, histograms): the next evaluation
             comes once training time has reached (evaluation time so far + the last
             evaluation's time) / budget, so the budget holds right after each
-            evaluation too. Only a run shorter than sanity evaluation / budget
-            spends more. The first 10 steps only time a training step; intervals
-            are at most 10,000 steps.
+            evaluation too, as long as an evaluation costs what the last one did
+            (a slower one overshoots by the difference). Only a run shorter than
+            sanity evaluation / budget spends more. The first 10 steps only time a
+            training step; intervals are at most 10,000 steps.
         max_batches: held-out batches per evaluation, per rank.
         method: estimator for sampled inputs: ``"cv"`` (default), ``"k3"``, ``"naive"``.
         reduction: for logits of shape (batch, seq, K): ``"token_mean"`` or
