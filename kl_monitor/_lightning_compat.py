@@ -227,7 +227,8 @@ def log_line(trainer: Any, prefix: str, held: HeldOut | None, cadence: Any) -> N
     if held is None:
         return
     namespace = type(trainer).__module__.split(".trainer")[0]
-    limit = held.note or f"{held.limit} batches per evaluation"
+    batches = "batch" if held.limit == 1 else "batches"
+    limit = held.note or f"{held.limit} {batches} per evaluation"
     every = cadence.every_n_train_steps
     schedule = (
         f"every {every} steps"
