@@ -15,6 +15,7 @@ from .estimators import (
     iw_reverse_kl,
     mc_kl,
 )
+from .generation import Generation, hf_generation_inputs, sample_continuations
 from .inputs import INPUT_KINDS, KLInputs
 from .metrics import CategoricalKL, MonteCarloKL, SampledKL
 from .results import (
@@ -23,8 +24,10 @@ from .results import (
     GroupEstimate,
     KLResult,
     MonteCarloResult,
+    RowSource,
     SampledResult,
 )
+from .sequences import SamplingTransform, SequenceKLEstimate, sequence_kl
 from .stats import IWEstimate, KLEstimate, KLStats, pareto_tail_index
 
 __version__ = "0.1.0"
@@ -40,6 +43,7 @@ __all__ = [
     "CusumDetector",
     "DirectionEstimate",
     "Evaluation",
+    "Generation",
     "GroupEstimate",
     "IWEstimate",
     "KLAlertWarning",
@@ -51,11 +55,17 @@ __all__ = [
     "KLStats",
     "MonteCarloKL",
     "MonteCarloResult",
+    "RowSource",
     "SampledKL",
     "SampledResult",
+    "SamplingTransform",
+    "SequenceKLEstimate",
     "categorical_kl",
     "categorical_kl_rows",
+    "hf_generation_inputs",
     "iw_reverse_kl",
     "mc_kl",
     "pareto_tail_index",
+    "sample_continuations",
+    "sequence_kl",
 ]

@@ -51,8 +51,9 @@ def log_scalars(trainer: Any, scalars: dict[str, float], step: int) -> None:
 
 def show_in_progress_bar(pl_module: Any, prefix: str, result: Any) -> None:
     for name in ("forward", "reverse"):
-        value = getattr(result, name).value
-        if math.isfinite(value):
+        est = getattr(result, name)
+        if est is not None and math.isfinite(est.value):
+            value = est.value
             pl_module.log(f"{prefix}/{name}", value, prog_bar=True, logger=False)
 
 

@@ -35,6 +35,7 @@ from .evaluator import Evaluator, MetricConfig
 from .inputs import KLInputs
 from .results import KLResult
 from .stats import METHODS
+from .support import LeakedMassRule
 
 __all__ = ["KLMonitor", "KLAlertWarning", "KLMonitorWarning"]
 
@@ -115,6 +116,8 @@ class _KLMonitorLogic:
         self.method, self.reduction, self.num_groups = method, reduction, num_groups
         self.prefix = prefix
         self.rules = rules if rules is not None else AlertRules()
+        # the model's mass outside the reference's support (logits), its own series
+        self.leak_rule = LeakedMassRule(k=self.rules.k, h=self.rules.h, warmup=self.rules.warmup)
         self.on_alert = on_alert
         self.stop_on = stop_on
         self.prog_bar = prog_bar
@@ -233,6 +236,7 @@ class _KLMonitorLogic:
             "failures": self.failures,
             "alerts": [a.to_dict() for a in self.alerts],
             "rules": self.rules.state_dict(),
+            "leak_rule": self.leak_rule.state_dict(),
             "kind": self.evaluator.kind or self._restored_kind,
             "last_result": dict(self.last_result),
         }
@@ -248,6 +252,8 @@ class _KLMonitorLogic:
         self.failures = int(state_dict["failures"])
         self.alerts = [Alert(**a) for a in state_dict["alerts"]]
         self.rules.load_state_dict(state_dict["rules"])
+        if "leak_rule" in state_dict:  # checkpoints from before the leaked-mass series
+            self.leak_rule.load_state_dict(state_dict["leak_rule"])
         self._restored_kind = state_dict.get("kind")
         self.last_result = dict(state_dict.get("last_result", {}))
 
@@ -295,6 +301,13 @@ class _KLMonitorLogic:
             return None
         self.cadence.record(step)
         fired = self.rules.update(Evaluation.from_result(step, result))
+        # the leaked-mass series always learns; its alert is one more over-dispersion
+        # explanation, reported unless the KL rules reported that kind at this evaluation
+        leaks = self.leak_rule.update(step, result)
+        if "over_dispersion" in self.rules.kinds and not any(
+            a.kind == "over_dispersion" for a in fired
+        ):
+            fired += leaks
         self.alerts.extend(fired)
         scalars = actions.evaluation_scalars(self.prefix, result, self.failures, fired)
         self.last_result, self.last_evaluation = scalars, result

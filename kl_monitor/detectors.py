@@ -263,11 +263,11 @@ class Evaluation:
         ``group_weights()``); ``group_count`` is what ``group_weights()`` says it is:
         the reference's rows per group for logits, the model's mass for samples.
         """
-        f, r = result.forward, result.reverse
+        f, r = result.forward, result.reverse  # None: no rows of that source (logits)
         weights = result.group_weights()
         return cls(
-            step=step, forward=f.value, forward_stderr=f.stderr,
-            reverse=r.value, reverse_stderr=r.stderr,
+            step=step, forward=f.value if f else None, forward_stderr=f.stderr if f else None,
+            reverse=r.value if r else None, reverse_stderr=r.stderr if r else None,
             entropy_model=getattr(result, "entropy_model", None),
             entropy_reference=getattr(result, "entropy_reference", None),
             group_forward={g: e.value for g, e in result.group_forward.items()} or None,

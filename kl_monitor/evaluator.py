@@ -121,13 +121,14 @@ class Evaluator:
                 # as Lightning's own validation: precision, batch hooks, step context
                 batch = compat.prepare_batch(trainer, pl_module, batch, held.index)
                 with compat.step_context(trainer):
-                    inputs = self._inputs(pl_module, batch)
-                compat.check_inputs_device(inputs, device)
-                values = self._metric_for(inputs, device).update_from(inputs)
-                if keep_hist and self.histogram is None:
-                    values = values.reshape(-1)
-                    values = values[torch.isfinite(values)][:HIST_VALUES]
-                    self.histogram = values.detach().float().cpu()
+                    items = self._inputs(pl_module, batch)
+                for inputs in items:
+                    compat.check_inputs_device(inputs, device)
+                    values = self._metric_for(inputs, device).update_from(inputs)
+                    if keep_hist and self.histogram is None:
+                        values = values.reshape(-1)
+                        values = values[torch.isfinite(values)][:HIST_VALUES]
+                        self.histogram = values.detach().float().cpu()
         if self.metric is None or not seen:  # e.g. a one-shot iterator, exhausted
             raise ValueError("the held-out dataloader yielded no batch on this rank.")
 
@@ -156,20 +157,30 @@ class Evaluator:
                 if taken >= limit:  # stop before fetching a batch that would go unused
                     break
 
-    def _inputs(self, pl_module: Any, batch: Any) -> KLInputs:
+    def _inputs(self, pl_module: Any, batch: Any) -> list[KLInputs]:
+        """The batch's ``KLInputs``: one, or a list (logits rows from the reference *and*
+        from the model, e.g. reference continuations and generations of the same prompts)."""
         fn = self.inputs_fn
-        inputs = fn(pl_module, batch) if fn is not None else pl_module.kl_inputs(batch)
-        if not isinstance(inputs, KLInputs):
-            raise TypeError(
-                "`kl_inputs`/`inputs_fn` must return KLInputs (KLInputs.from_logits or "
-                f"KLInputs.from_log_probs), got {type(inputs).__name__}."
-            )
-        if self.kind is not None and inputs.kind != self.kind:
+        out = fn(pl_module, batch) if fn is not None else pl_module.kl_inputs(batch)
+        items = list(out) if isinstance(out, (list, tuple)) else [out]
+        for inputs in items:
+            if not isinstance(inputs, KLInputs):
+                raise TypeError(
+                    "`kl_inputs`/`inputs_fn` must return KLInputs (KLInputs.from_logits or "
+                    f"KLInputs.from_log_probs), or a list of them, got {type(inputs).__name__}."
+                )
+            if self.kind is not None and inputs.kind != self.kind:
+                raise ValueError(
+                    f"`kl_inputs` returned {inputs.kind!r} inputs, but earlier batches were "
+                    f"{self.kind!r}; one monitor takes one kind."
+                )
+        if not items or (len(items) > 1 and any(i.kind != "logits" for i in items)):
             raise ValueError(
-                f"`kl_inputs` returned {inputs.kind!r} inputs, but earlier batches were "
-                f"{self.kind!r}; one monitor takes one kind."
+                "`kl_inputs` may return several KLInputs only for logits (rows from the "
+                f"reference and from the model), got kinds {[i.kind for i in items]}."
+                if items else "`kl_inputs` returned an empty list of KLInputs."
             )
-        return inputs
+        return items
 
     def _metric_for(self, inputs: KLInputs, device: torch.device) -> _KLMetric:
         if self.metric is None:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from ._utils import check_floating, check_logits, check_same_shape
+from .sequences import valid_direction
 
 __all__ = ["INPUT_KINDS", "InputKind", "KLInputs"]
 
@@ -49,6 +50,7 @@ class KLInputs:
     model_samples_log_q: torch.Tensor | None = None
     model_samples_log_p: torch.Tensor | None = None
     model_samples_groups: torch.Tensor | None = None
+    sampled_from: str = "reference"
 
     @classmethod
     def from_logits(
@@ -57,8 +59,17 @@ class KLInputs:
         model_logits: torch.Tensor,
         mask: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
+        *,
+        sampled_from: str = "reference",
     ) -> KLInputs:
         """Logits of the reference P and the model Q over the same K classes.
+
+        Both directions are exact per row. For sequences, where the rows (token
+        prefixes) came from decides which direction summed along them is a
+        sequence-level KL: on reference sequences (held-out data, a teacher) the
+        forward D(P‖Q), on the model's own generations the reverse D(Q‖P). The monitor
+        logs that direction under its plain name and the other one as
+        ``<other>_on_<source>_samples`` (a teacher-forced diagnostic).
 
         Args:
             reference_logits: ``(..., K)`` logits of P (a teacher, a reference policy,
@@ -67,9 +78,16 @@ class KLInputs:
             mask: optional bool ``(...)``; False rows (padding) are ignored.
             groups: optional integer label per row ``(...)`` (class, prompt type), for
                 per-group KL and coverage-gap alerts.
+            sampled_from: ``"reference"`` (default: held-out data, as before) or
+                ``"model"`` (sequences the model generated, e.g. with
+                ``kl_monitor.generation.hf_generation_inputs``).
         """
+        valid_direction(sampled_from)
         check_logits("reference_logits", reference_logits, "model_logits", model_logits, mask)
-        return cls("logits", reference_logits, model_logits, mask=mask, groups=groups)
+        return cls(
+            "logits", reference_logits, model_logits, mask=mask, groups=groups,
+            sampled_from=sampled_from,
+        )
 
     @classmethod
     def from_log_probs(

@@ -37,9 +37,11 @@ from . import results
 from ._utils import check_floating, check_logits, check_nonfinite_mode
 from .estimators import categorical_kl_rows, kept_rows
 from .results import DirectionEstimate, GroupEstimate, KLResult
+from .sequences import valid_direction
 from .stats import _COLUMNS, LU, METHODS, NONFINITE, SUPPORT, TOP_K, WW, WWL, WWLL, KLStats, U
 from .stats import L as _L
 from .stats import N as _N
+from .support import support_rows
 
 if TYPE_CHECKING:
     from .inputs import KLInputs
@@ -469,9 +471,20 @@ def _naive_groups(groups: Sequence[KLStats]) -> dict[int, GroupEstimate]:
 #: rows. The first ``_C_GROUP`` (units … #(r = ∞)) are also kept per group.
 _UNIT_COLUMNS = ("n", "f", "ff", "f_inf", "r", "rr", "r_inf", "h_p", "h_q")
 _COUNT_COLUMNS = ("support", "nonfinite", "rows")
-_CAT_COLUMNS = _UNIT_COLUMNS + _COUNT_COLUMNS
+# Support-mismatch companions (``kl_monitor.support``) per unit: the shared-support KLs
+# (sums, squares and infinite units, like f and r) and the masses outside the other's
+# support summed over the unit's rows; ``unit_rows`` counts those rows.
+_SUPPORT_COLUMNS = ("fs", "fsfs", "fs_inf", "rs", "rsrs", "rs_inf", "p_out", "q_out",
+                    "unit_rows")  # fmt: skip
+# `labelled`: updates that said where their rows came from (``sampled_from``)
+_CAT_COLUMNS = _UNIT_COLUMNS + _COUNT_COLUMNS + _SUPPORT_COLUMNS + ("labelled",)
 _C = {name: i for i, name in enumerate(_CAT_COLUMNS)}
 _C_GROUP = _C["r_inf"] + 1
+#: per-group columns: the first _C_GROUP, then the masses outside and the rows
+_GROUP_COLUMNS = _CAT_COLUMNS[:_C_GROUP] + ("p_out", "q_out", "unit_rows")
+#: where rows may come from (``update(..., sampled_from=)``): their row of the states
+#: (rows of unstated origin go with the reference's)
+_SOURCES = {"reference": 0, "model": 1}
 
 
 class CategoricalKL(_KLMetric):
@@ -550,10 +563,16 @@ class CategoricalKL(_KLMetric):
             )
         super().__init__(nonfinite, num_groups, validate_args, **kwargs)
         self.reduction = reduction
-        self.add_state("stats", torch.zeros(len(_CAT_COLUMNS), dtype=_F64), dist_reduce_fx="sum")
+        # one row per source (_SOURCES): the reference's rows (or of unstated origin),
+        # then the rows the model generated
+        sources = len(_SOURCES)
+        self.add_state(
+            "stats", torch.zeros(sources, len(_CAT_COLUMNS), dtype=_F64), dist_reduce_fx="sum"
+        )
         if self.num_groups is not None:
             self.add_state(
-                "group_stats", torch.zeros(self.num_groups, _C_GROUP, dtype=_F64),
+                "group_stats",
+                torch.zeros(sources, self.num_groups, len(_GROUP_COLUMNS), dtype=_F64),
                 dist_reduce_fx="sum",
             )
 
@@ -566,14 +585,23 @@ class CategoricalKL(_KLMetric):
         logits_q: Tensor,
         mask: Tensor | None = None,
         groups: Tensor | None = None,
+        sampled_from: str | None = None,
     ) -> None:
         """Add rows of reference logits ``(..., K)``, model logits (same shape), an
-        optional bool ``mask`` ``(...)`` (False = padding) and optional integer ``groups``."""
+        optional bool ``mask`` ``(...)`` (False = padding) and optional integer ``groups``.
+
+        ``sampled_from`` says where the rows (prefixes) came from: ``"reference"``
+        (held-out data, a teacher), ``"model"`` (the model's own generations) or
+        ``None`` (unstated: both directions keep their plain keys)."""
+        if sampled_from is not None:
+            valid_direction(sampled_from)
         check_logits("logits_p", logits_p, "logits_q", logits_q, mask)
-        self._add_rows(logits_p, logits_q, mask, groups)
+        self._add_rows(logits_p, logits_q, mask, groups, sampled_from)
 
     def update_from(self, inputs: KLInputs) -> Tensor:
-        return self._add_rows(inputs.reference, inputs.model, inputs.mask, inputs.groups)
+        return self._add_rows(
+            inputs.reference, inputs.model, inputs.mask, inputs.groups, inputs.sampled_from
+        )
 
     def _labels(
         self, groups: Tensor | None, lead: tuple[int, ...], counted: Tensor
@@ -593,7 +621,8 @@ class CategoricalKL(_KLMetric):
         return labels
 
     def _add_rows(
-        self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None, groups: Tensor | None
+        self, logits_p: Tensor, logits_q: Tensor, mask: Tensor | None, groups: Tensor | None,
+        sampled_from: str | None = None,
     ) -> Tensor:
         """Accumulate validated logits; returns the kept rows' forward KL (histogram)."""
         lead = tuple(logits_p.shape[:-1])
@@ -606,44 +635,91 @@ class CategoricalKL(_KLMetric):
         counted = torch.ones_like(valid) if mask is None else mask.to(valid.device)
         labels = self._labels(groups, lead, counted)
         keep, n_bad = kept_rows(valid, counted, self.nonfinite)
-        zero = torch.zeros((), dtype=_F64, device=valid.device)
-        f, r, h_p, h_q = (torch.where(keep, x.to(_F64), zero) for x in (fwd, rev, hp, hq))
+        rows = (fwd, rev, hp, hq, *support_rows(logits_p, logits_q, fwd, rev))
+        feats, totals, unit, hist = self._unit_features(rows, keep, n_bad)
+        source = _SOURCES["model"] if sampled_from == "model" else 0
+        totals[_C["labelled"]] = float(sampled_from is not None)
+        index = torch.tensor([source], device=totals.device)
+        self.stats = self.stats.to(_F64).index_add(0, index, totals[None])
+        if labels is not None:
+            per_group = feats[:, [_C[c] for c in _GROUP_COLUMNS]]
+            group_stats = self.group_stats.to(_F64)
+            group_stats[source] = group_stats[source].index_add(0, labels[unit], per_group)
+            self.group_stats = group_stats
+        return hist
+
+    def _unit_features(
+        self, rows: tuple[Tensor, ...], keep: Tensor, n_bad: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-unit columns (``_CAT_COLUMNS``, counters 0), the batch's totals (counters
+        included), the unit mask, and the kept rows' forward KL."""
+        zero = torch.zeros((), dtype=_F64, device=keep.device)
+        f, r, h_p, h_q, f_s, r_s, p_out, q_out = (
+            torch.where(keep, x.to(_F64), zero) for x in rows
+        )
         support = keep & (torch.isinf(f) | torch.isinf(r))
         hist = f[keep]
-        unit = keep
+        n_rows, unit = keep.to(_F64), keep
         if self.reduction == "sequence_sum":
-            f, r, h_p, h_q = f.sum(-1), r.sum(-1), h_p.sum(-1), h_q.sum(-1)
-            unit = keep.any(-1)
-        f_inf, r_inf = torch.isinf(f) & unit, torch.isinf(r) & unit
-        f_fin, r_fin = torch.where(f_inf, zero, f), torch.where(r_inf, zero, r)
-        cols = {
-            "n": unit.to(_F64), "f": f_fin, "ff": f_fin * f_fin, "f_inf": f_inf.to(_F64),
-            "r": r_fin, "rr": r_fin * r_fin, "r_inf": r_inf.to(_F64), "h_p": h_p, "h_q": h_q,
-        }
-        feats = torch.stack([cols[name] for name in _UNIT_COLUMNS], dim=-1)[unit]
-        counts = {"support": support.sum(), "nonfinite": torch.tensor(n_bad), "rows": keep.sum()}
-        extra = torch.stack([counts[name].to(keep.device) for name in _COUNT_COLUMNS]).to(_F64)
-        self.stats = self.stats.to(_F64) + torch.cat((feats.sum(0), extra))
-        if labels is not None:
-            self.group_stats = self.group_stats.to(_F64).index_add(
-                0, labels[unit], feats[:, :_C_GROUP]
+            f, r, h_p, h_q, f_s, r_s, p_out, q_out, n_rows = (
+                x.sum(-1) for x in (f, r, h_p, h_q, f_s, r_s, p_out, q_out, n_rows)
             )
-        return hist
+            unit = keep.any(-1)
+        cols = {"n": unit.to(_F64), "h_p": h_p, "h_q": h_q, "p_out": p_out, "q_out": q_out,
+                "unit_rows": n_rows, "labelled": torch.zeros_like(n_rows)}  # fmt: skip
+        for name, x in (("f", f), ("r", r), ("fs", f_s), ("rs", r_s)):
+            inf = torch.isinf(x) & unit
+            fin = torch.where(inf, zero, x)
+            cols.update({name: fin, name * 2: fin * fin, f"{name}_inf": inf.to(_F64)})
+        counts = {"support": support.sum(), "nonfinite": torch.tensor(n_bad), "rows": keep.sum()}
+        totals = torch.zeros(len(_CAT_COLUMNS), dtype=_F64, device=keep.device)
+        for name in _COUNT_COLUMNS:
+            cols[name] = torch.zeros_like(f)  # batch counters, not per unit: in `totals`
+            totals[_C[name]] = counts[name].to(keep.device, _F64)
+        feats = torch.stack([cols[name] for name in _CAT_COLUMNS], dim=-1)[unit]
+        return feats, totals + feats.sum(0), unit, hist
 
     def compute(self) -> results.CategoricalResult:
         """Forward and reverse KL over everything seen since the last reset (all ranks)."""
         grouped = self.num_groups is not None
         host = _to_host([self.stats, self.group_stats] if grouped else [self.stats])
-        s = dict(zip(_CAT_COLUMNS, host[0].tolist(), strict=True))
-        n = s["n"]
-        if n == 0:
+        s, m = (dict(zip(_CAT_COLUMNS, h, strict=True)) for h in host[0].tolist())
+        if s["n"] == 0 and m["n"] == 0:
+            bad = int(s["nonfinite"] + m["nonfinite"])
             raise ValueError(
-                f"{type(self).__name__}.compute(): no rows were counted ({int(s['nonfinite'])} "
+                f"{type(self).__name__}.compute(): no rows were counted ({bad} "
                 "non-finite rows dropped, masked rows are not counted); call update() first."
             )
+        group_rows = host[1].tolist() if grouped else ([], [])
+        if s["labelled"] + m["labelled"] == 0:  # no update said where its rows came from
+            return self._unlabelled(s, group_rows[0])
+        sources = {
+            name: _row_source(name, cols, rows)
+            for name, cols, rows in (("reference", s, group_rows[0]), ("model", m, group_rows[1]))
+            if cols["n"]
+        }
+        ref, mod = sources.get("reference"), sources.get("model")
+        both_plain = mod is None and self.reduction == "token_mean"
+        plain_rev = mod if mod is not None else (ref if both_plain else None)
+        return results.CategoricalResult(
+            forward=ref.forward if ref else None,
+            reverse=plain_rev.reverse if plain_rev else None,
+            nonfinite=s["nonfinite"] + m["nonfinite"],
+            support_violations=s["support"] + m["support"],
+            group_forward=ref.group_forward if ref else {},
+            group_reverse=plain_rev.group_reverse if plain_rev else {},
+            device=self.device,
+            entropy_reference=(ref or mod).entropy_reference,
+            entropy_model=(mod or ref).entropy_model,
+            n_rows=s["rows"] + m["rows"], reduction=self.reduction, sources=sources,
+        )
+
+    def _unlabelled(self, s: dict[str, float], group_rows: list) -> results.CategoricalResult:
+        """The result of rows of unstated origin: both directions under plain keys."""
+        n = s["n"]
         group_forward, group_reverse = {}, {}
-        for g, row in enumerate(host[1].tolist() if grouped else []):
-            c = dict(zip(_CAT_COLUMNS, row, strict=False))
+        for g, row in enumerate(group_rows):
+            c = dict(zip(_GROUP_COLUMNS, row, strict=True))
             if c["n"]:
                 group_forward[g] = _unit_mean(c, "f", mass=c["n"] / n)
                 group_reverse[g] = _unit_mean(c, "r", mass=c["n"] / n)
@@ -654,6 +730,28 @@ class CategoricalKL(_KLMetric):
             entropy_reference=s["h_p"] / n, entropy_model=s["h_q"] / n,
             n_rows=s["rows"], reduction=self.reduction,
         )  # fmt: skip
+
+
+def _row_source(name: str, s: dict[str, float], group_rows: list) -> results.RowSource:
+    """One source's summary: both directions, companions, entropies, groups."""
+    n, rows = s["n"], max(s["unit_rows"], 1.0)
+    group_forward, group_reverse, group_mass = {}, {}, {}
+    for g, row in enumerate(group_rows):
+        c = dict(zip(_GROUP_COLUMNS, row, strict=True))
+        if c["n"]:
+            group_forward[g] = _unit_mean(c, "f", mass=c["n"] / n)
+            group_reverse[g] = _unit_mean(c, "r", mass=c["n"] / n)
+            g_rows = max(c["unit_rows"], 1.0)
+            group_mass[g] = (c["p_out"] / g_rows, c["q_out"] / g_rows)
+    return results.RowSource(
+        sampled_from=name, forward=_unit_mean(s, "f"), reverse=_unit_mean(s, "r"),
+        forward_shared=_unit_mean(s, "fs"), reverse_shared=_unit_mean(s, "rs"),
+        entropy_reference=s["h_p"] / n, entropy_model=s["h_q"] / n,
+        reference_mass_outside=s["p_out"] / rows, model_mass_outside=s["q_out"] / rows,
+        group_forward=group_forward, group_reverse=group_reverse,
+        group_mass_outside=group_mass, n_rows=s["rows"],
+        support_violations=s["support"], nonfinite=s["nonfinite"],
+    )
 
 
 def _unit_mean(cols: Mapping[str, float], name: str, mass: float | None = None) -> Any:

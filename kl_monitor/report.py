@@ -52,6 +52,10 @@ def _event_dirs(logdir: Path) -> dict[Path, list[Path]]:
     return dirs
 
 
+#: a run is a KLMonitor run when it logged one of these
+_HEADLINES = ("forward", "reverse", "forward_shared", "reverse_shared")
+
+
 def load_runs(logdir: str | os.PathLike, prefix: str = "kl") -> list[Run]:
     """Every run under ``logdir`` that logged ``<prefix>/forward``.
 
@@ -99,7 +103,9 @@ def load_runs(logdir: str | os.PathLike, prefix: str = "kl") -> list[Run]:
             run.alerts = [_alert(json.loads(text)) for text in records]
         else:
             run.alerts = [a for text in legacy for a in _legacy_alerts(text)]
-        if f"{prefix}/forward" in run.scalars:
+        # a run on the model's generations alone logs no forward KL, and an infinite KL
+        # is logged only through its finite companions (`<direction>_shared`)
+        if any(f"{prefix}/{key}" in run.scalars for key in _HEADLINES):
             runs.append(run)
     if not runs:
         detail = ("; ".join(problems)) if problems else f"no '{prefix}/forward' scalars found"

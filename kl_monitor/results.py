@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "DIRECTIONS",
     "CategoricalResult",
+    "RowSource",
     "Direction",
     "DirectionEstimate",
     "GroupEstimate",
@@ -197,8 +198,11 @@ class _BothDirections(KLResult):
     device: torch.device | str = "cpu"
 
     @property
-    def asymmetry(self) -> float:
-        """forward − reverse (``nan`` when both are ``+inf``)."""
+    def asymmetry(self) -> float | None:
+        """forward − reverse (``nan`` when both are ``+inf``; ``None`` when a direction
+        is missing: logits rows of one source only, see ``CategoricalResult``)."""
+        if self.forward is None or self.reverse is None:
+            return None
         return self.forward.value - self.reverse.value
 
     def direction(self, name: Direction) -> DirectionEstimate:
@@ -216,10 +220,59 @@ class _BothDirections(KLResult):
         out: _Pairs = []
         for name in DIRECTIONS:
             est = self.direction(name)
-            if math.isfinite(est.stderr):
+            if est is not None and math.isfinite(est.stderr):
                 out += [(f"{name}_lower", est.value - 2.0 * est.stderr),
                         (f"{name}_upper", est.value + 2.0 * est.stderr)]  # fmt: skip
         return out
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """What the logits rows drawn from one distribution say (see ``CategoricalResult``).
+
+    Attributes:
+        sampled_from: ``"reference"`` or ``"model"``.
+        forward: Σ (or mean) of D(P_t‖Q_t) over these rows, per unit.
+        reverse: D(Q_t‖P_t) likewise.
+        forward_shared: forward KL on the shared support (``kl_monitor.support``).
+        reverse_shared: reverse KL on the shared support.
+        entropy_reference: H(P) per unit on these rows.
+        entropy_model: H(Q) per unit on these rows.
+        reference_mass_outside: mean per row of P's mass on classes Q forbids.
+        model_mass_outside: mean per row of Q's mass on classes P forbids.
+        group_forward: per-group forward KL (with the group's share of units as mass).
+        group_reverse: per-group reverse KL.
+        group_mass_outside: per group, ``(reference_mass_outside, model_mass_outside)``.
+        n_rows: rows counted; support_violations, nonfinite: as in the result.
+    """
+
+    sampled_from: str
+    forward: DirectionEstimate
+    reverse: DirectionEstimate
+    forward_shared: DirectionEstimate
+    reverse_shared: DirectionEstimate
+    entropy_reference: float
+    entropy_model: float
+    reference_mass_outside: float
+    model_mass_outside: float
+    group_forward: Mapping[int, GroupEstimate] = field(default_factory=dict)
+    group_reverse: Mapping[int, GroupEstimate] = field(default_factory=dict)
+    group_mass_outside: Mapping[int, tuple[float, float]] = field(default_factory=dict)
+    n_rows: float = 0.0
+    support_violations: float = 0.0
+    nonfinite: float = 0.0
+
+    @property
+    def valid(self) -> Direction:
+        """The direction that is a sequence-level KL summed along these rows."""
+        return "forward" if self.sampled_from == "reference" else "reverse"
+
+    @property
+    def other(self) -> Direction:
+        return "reverse" if self.valid == "forward" else "forward"
+
+    def estimate(self, name: Direction) -> DirectionEstimate:
+        return self.forward if name == "forward" else self.reverse
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,18 +285,39 @@ class CategoricalResult(_BothDirections):
     ``forward/group_g``, ``reverse/group_g``, ``forward_stderr/group_g``,
     ``reverse_stderr/group_g``, ``n/group_g``. Logged, ``n/group_g`` becomes
     ``mass/group_g`` (the group's share of the units) and the stderrs are left out.
+
+    **Rows labelled by source** (``sources`` non-empty: updates said
+    ``sampled_from``). Summed along a sequence, a direction is a sequence-level KL only
+    on rows drawn from its first argument. ``forward`` then comes from the reference's
+    rows and ``reverse`` from the model's (``None`` without such rows; ``asymmetry``
+    only with both); the other direction of each source is the teacher-forced
+    ``<direction>_on_<source>_samples`` (and ``_stderr``), and the entropy of the
+    distribution that did not sample the only rows there are is
+    ``entropy_<name>_on_<source>_samples``. Reference rows alone with
+    ``reduction="token_mean"`` keep both plain directions (per-token KLs at the data's
+    contexts). Always, beside each direction, its support-mismatch companions
+    ``<direction>_shared`` (+ ``_stderr``, named like the direction) and the per-row
+    masses ``model_mass_outside`` (the model's rows when there are some) and
+    ``reference_mass_outside`` (the reference's rows when there are some), also per
+    group; ``n_model_samples`` with both sources. Logged, the stderrs of the
+    diagnostics and companions are left out.
     """
 
     entropy_reference: float = math.nan
     entropy_model: float = math.nan
     n_rows: float = 0.0
     reduction: str = "token_mean"
+    sources: Mapping[str, RowSource] = field(default_factory=dict)
 
     def group_weights(self) -> dict[int, float]:
-        # the reference's units per group: both directions average over the same rows
-        return {g: est.n for g, est in self.group_forward.items()}
+        # the units per group of the first source: both directions of a source average
+        # over the same rows
+        groups = self.group_forward or self.group_reverse
+        return {g: est.n for g, est in groups.items()}
 
     def _pairs(self, logged: bool) -> _Pairs:
+        if self.sources:
+            return [(k, float(v)) for k, v in _labelled_pairs(self, logged)]
         f, r = self.forward, self.reverse
         out = [("forward", f.value), ("reverse", r.value), ("asymmetry", self.asymmetry),
                ("forward_stderr", f.stderr), ("reverse_stderr", r.stderr),
@@ -261,6 +335,78 @@ class CategoricalResult(_BothDirections):
                         (f"reverse_stderr/group_{g}", gr.stderr),
                         (f"n/group_{g}", gf.n)]  # fmt: skip
         return [(k, float(v)) for k, v in out]
+
+
+def _labelled_pairs(res: CategoricalResult, logged: bool) -> _Pairs:
+    """The keys of a ``CategoricalResult`` whose rows said where they came from."""
+    src = list(res.sources.values())
+    ref, mod = res.sources.get("reference"), res.sources.get("model")
+    # reference rows alone, per token: both plain (per-token KLs at the data's contexts)
+    both_plain = mod is None and res.reduction == "token_mean"
+    present = [name for name in DIRECTIONS if res.direction(name) is not None]
+    out: _Pairs = [(name, res.direction(name).value) for name in present]
+    if res.asymmetry is not None:
+        out.append(("asymmetry", res.asymmetry))
+    out += [(f"{name}_stderr", res.direction(name).stderr) for name in present]
+
+    def add(key: str, est: DirectionEstimate) -> None:
+        out.append((key, est.value))
+        if not logged:
+            out.append((f"{key}_stderr", est.stderr))
+
+    for s in src:  # each source's other direction: a teacher-forced diagnostic
+        if not both_plain:
+            add(f"{s.other}_on_{s.sampled_from}_samples", s.estimate(s.other))
+    for s in src:  # finite companions, named like their direction
+        add(f"{s.valid}_shared", s.forward_shared if s.valid == "forward" else s.reverse_shared)
+        other = s.reverse_shared if s.valid == "forward" else s.forward_shared
+        add(f"{s.other}_shared" if both_plain else
+            f"{s.other}_shared_on_{s.sampled_from}_samples", other)
+    # each distribution's entropy on its own samples; else named by the rows it is on
+    for key, own, rows in (("entropy_reference", ref, mod), ("entropy_model", mod, ref)):
+        if own is not None:
+            out.append((key, getattr(own, key)))
+        elif both_plain:
+            out.append((key, getattr(rows, key)))
+        else:
+            out.append((f"{key}_on_{rows.sampled_from}_samples", getattr(rows, key)))
+    leak_src, cover_src = mod or ref, ref or mod
+    out += [("model_mass_outside", leak_src.model_mass_outside),
+            ("reference_mass_outside", cover_src.reference_mass_outside),
+            ("support_violations", res.support_violations), ("nonfinite", res.nonfinite),
+            ("n", src[0].estimate(src[0].valid).n)]  # fmt: skip
+    if ref is not None and mod is not None:
+        out.append(("n_model_samples", mod.reverse.n))
+    out.append(("n_rows", res.n_rows))
+    return out + _labelled_group_pairs(res, logged, leak_src, cover_src)
+
+
+def _labelled_group_pairs(
+    res: CategoricalResult, logged: bool, leak_src: RowSource, cover_src: RowSource
+) -> _Pairs:
+    out: _Pairs = []
+    counts = res.group_forward or res.group_reverse
+    for g in sorted(set(res.group_forward) | set(res.group_reverse)):
+        for name in DIRECTIONS:
+            est = res.groups(name).get(g)
+            if est is not None:
+                out.append((f"{name}/group_{g}", est.value))
+        est = counts.get(g)
+        if logged:
+            if est is not None:
+                out.append((f"mass/group_{g}", est.mass if est.mass is not None else 0.0))
+        else:
+            for name in DIRECTIONS:
+                ge = res.groups(name).get(g)
+                if ge is not None:
+                    out.append((f"{name}_stderr/group_{g}", ge.stderr))
+            if est is not None:
+                out.append((f"n/group_{g}", est.n))
+        if g in leak_src.group_mass_outside:
+            out.append((f"model_mass_outside/group_{g}", leak_src.group_mass_outside[g][1]))
+        if g in cover_src.group_mass_outside:
+            out.append((f"reference_mass_outside/group_{g}", cover_src.group_mass_outside[g][0]))
+    return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,6 +9,7 @@ object (``Alert.to_dict()``) under ``<prefix>/alert_records``, which is what
 from __future__ import annotations
 
 import json
+import math
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,9 +32,12 @@ def scalars(prefix: str, result: Any) -> dict[str, float]:
     and counts out (with many groups they would triple the scalars written at every
     evaluation) and log a categorical group's share of the rows as ``mass/group_<g>``.
     """
-    out = {f"{prefix}/{key}": value for key, value in result.logged_pairs()}
-    out.update((f"{prefix}/{key}", value) for key, value in result.bands())
-    return out
+    pairs = list(result.logged_pairs()) + list(result.bands())
+    # TensorBoard silently drops ±inf and NaN, and a line that disappears reads as "no
+    # data": an infinite KL (support violation) is carried by its finite companions
+    # (`<direction>_shared`, the masses outside the other's support) and by
+    # `support_violations`. The typed result keeps the formal +inf.
+    return {f"{prefix}/{key}": value for key, value in pairs if math.isfinite(value)}
 
 
 def layout(prefix: str, unit: str = "nats") -> dict[str, dict[str, list[Any]]]:
@@ -54,7 +58,19 @@ def layout(prefix: str, unit: str = "nats") -> dict[str, dict[str, list[Any]]]:
         [rf"^{prefix}/(forward|reverse)$"],  # regexes: anchor, or every forward_* matches
     ]
     charts[f"asymmetry: forward − reverse ({unit})"] = ["Multiline", [rf"^{prefix}/asymmetry$"]]
+    # the other direction summed along rows it is not valid on: its own chart, never
+    # mixed into the forward/reverse ones
+    charts[f"teacher-forced diagnostics, not sequence-level KL ({unit})"] = [
+        "Multiline", [rf"^{prefix}/(forward|reverse)_on_(model|reference)_samples$"],
+    ]
+    charts[f"support mismatch: KL on the shared support ({unit})"] = [
+        "Multiline", [rf"^{prefix}/(forward|reverse)_shared$"],
+    ]
+    charts["support mismatch: mass outside the other's support (per row)"] = [
+        "Multiline", [rf"^{prefix}/(model|reference)_mass_outside$"],
+    ]
     charts["per-group forward KL"] = ["Multiline", [rf"^{prefix}/forward/group_\d+$"]]
+    charts["per-group reverse KL"] = ["Multiline", [rf"^{prefix}/reverse/group_\d+$"]]
     charts["per-group mass"] = ["Multiline", [rf"^{prefix}/(reverse_)?mass/group_\d+$"]]
     charts["alerts"] = ["Multiline", [rf"^{prefix}/alert/"]]
     return {f"KL monitor ({prefix})": charts}
