@@ -11,6 +11,7 @@ from test_generation import VOCAB, tiny_gpt2
 from torch.utils.data import DataLoader, TensorDataset
 
 from kl_monitor import KLInputs, KLMonitor
+from kl_monitor import tensorboard as tb
 from kl_monitor.generation import hf_generation_inputs
 from kl_monitor.metrics import CategoricalKL
 from kl_monitor.sequences import sequence_kl
@@ -149,3 +150,30 @@ def test_generations_only_never_log_a_plain_forward(tmp_path):
     tags = monitor.last_result
     assert "kl/reverse" in tags and "kl/forward_on_model_samples" in tags
     assert "kl/forward" not in tags and "kl/asymmetry" not in tags
+
+
+def test_labelled_keys_are_pinned():
+    # the tag names users will have dashboards on, for generations and reference text
+    lp, lq = _logits(6, 4, 5, 4)
+    metric = CategoricalKL(reduction="sequence_sum", num_groups=2)
+    metric.update(lp, lq, groups=torch.tensor([0, 1, 0, 1, 0, 1]), sampled_from="model")
+    assert list(metric.compute()) == [
+        "reverse", "reverse_stderr",
+        "forward_on_model_samples", "forward_on_model_samples_stderr",
+        "reverse_shared", "reverse_shared_stderr",
+        "forward_shared_on_model_samples", "forward_shared_on_model_samples_stderr",
+        "entropy_reference_on_model_samples", "entropy_model",
+        "model_mass_outside", "reference_mass_outside", "support_violations", "nonfinite",
+        "n", "n_rows",
+        "reverse/group_0", "reverse_stderr/group_0", "n/group_0",
+        "model_mass_outside/group_0", "reference_mass_outside/group_0",
+        "reverse/group_1", "reverse_stderr/group_1", "n/group_1",
+        "model_mass_outside/group_1", "reference_mass_outside/group_1",
+    ]  # fmt: skip
+    metric.update(lp, lq, groups=torch.tensor([0, 1, 0, 1, 0, 1]), sampled_from="reference")
+    tags = list(tb.scalars("kl", metric.compute()))
+    assert tags[:8] == ["kl/forward", "kl/reverse", "kl/asymmetry", "kl/forward_stderr",
+                        "kl/reverse_stderr", "kl/reverse_on_reference_samples",
+                        "kl/forward_on_model_samples", "kl/forward_shared"]
+    assert "kl/n_model_samples" in tags and "kl/mass/group_1" in tags
+    assert not any(t.endswith("_stderr") and "_on_" in t for t in tags)
