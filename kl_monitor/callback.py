@@ -236,9 +236,11 @@ class _KLMonitorLogic:
             "failures": self.failures,
             "alerts": [a.to_dict() for a in self.alerts],
             "rules": self.rules.state_dict(),
-            "leak_rule": self.leak_rule.state_dict(),
             "kind": self.evaluator.kind or self._restored_kind,
             "last_result": dict(self.last_result),
+            # only once the leaked-mass series has started, so a state without it (a
+            # monitor of samples, or one written by 0.1.0) round-trips unchanged
+            **({"leak_rule": self.leak_rule.state_dict()} if self.leak_rule.n_values else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

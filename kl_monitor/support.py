@@ -127,6 +127,8 @@ class LeakedMassRule:
     ) -> None:
         self.detector = CusumDetector(k, h, warmup, min_effect)
         self._group_base: dict[int, float] = {}
+        #: leaked-mass values seen (0: the series has not started; nothing to checkpoint)
+        self.n_values = 0
 
     def update(self, step: int, result: Any) -> list[Alert]:
         """Feed one evaluation's typed result; return the new alert, if any.
@@ -140,6 +142,7 @@ class LeakedMassRule:
         if src is None or not math.isfinite(src.model_mass_outside):
             return []
         leaked = src.model_mass_outside
+        self.n_values += 1
         groups = {g: masses[1] for g, masses in src.group_mass_outside.items()}
         base = self.detector.baseline
         statistic = self.detector.update(leaked, None)
@@ -162,9 +165,10 @@ class LeakedMassRule:
         return [Alert("over_dispersion", step, statistic, named, message, details)]
 
     def state_dict(self) -> dict:
-        return {"detector": self.detector.state_dict(),
+        return {"detector": self.detector.state_dict(), "n_values": self.n_values,
                 "group_base": [[g, v] for g, v in self._group_base.items()]}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         self.detector.load_state_dict(d["detector"])
+        self.n_values = int(d["n_values"])
         self._group_base = {int(g): float(v) for g, v in d["group_base"]}
