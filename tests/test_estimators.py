@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch.distributions import Categorical, MultivariateNormal, Normal, kl_divergence
 
-from kl_monitor import categorical_kl, iw_reverse_kl, mc_kl
+from kl_monitor import categorical_kl, categorical_kl_rows, iw_reverse_kl, mc_kl
 from kl_monitor.stats import MAX_LOG_WEIGHT
 
 METHODS = ("naive", "k3", "cv")
@@ -437,6 +437,204 @@ def test_categorical_nonfinite_rows():
     assert categorical_kl(lp, lq, mask).nonfinite == 0
     with pytest.raises(ValueError, match="NaN"):
         categorical_kl(lp, lq, nonfinite="raise")
+
+
+def _support_reference(lp: torch.Tensor, lq: torch.Tensor):
+    """Shared-support KLs and outside masses per row, in float64 with numpy/scipy.
+
+    S = {k: both logits finite}; p̃ = p[S] / p(S), q̃ = q[S] / q(S);
+    forward_shared = D(p̃‖q̃), reverse_shared = D(q̃‖p̃) (+inf when S is empty);
+    reference_mass_outside = p(k: q_k = 0), model_mass_outside = q(k: p_k = 0).
+    """
+    x, y = lp.double().numpy(), lq.double().numpy()
+    out = {name: [] for name in ("fs", "rs", "mp", "mq")}
+    for a, b in zip(x, y, strict=True):
+        p, q = np.exp(a - a.max()), np.exp(b - b.max())
+        p, q = p / p.sum(), q / q.sum()
+        fin_a, fin_b = np.isfinite(a), np.isfinite(b)
+        shared = fin_a & fin_b
+        out["mp"].append(p[~fin_b].sum())
+        out["mq"].append(q[~fin_a].sum())
+        if shared.any():
+            # scipy.stats.entropy renormalises its arguments: exactly p̃ and q̃
+            out["fs"].append(scipy.stats.entropy(p[shared], q[shared]))
+            out["rs"].append(scipy.stats.entropy(q[shared], p[shared]))
+        else:
+            out["fs"].append(INF)
+            out["rs"].append(INF)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+def _support_case():
+    g = torch.Generator().manual_seed(21)
+    lp = 2.0 * torch.randn(7, 40, generator=g, dtype=torch.float64)
+    lq = lp + torch.randn(7, 40, generator=g, dtype=torch.float64)
+    lp[1, :5] = -INF             # the reference forbids 5 tokens; the model leaks there
+    lq[2, 3:9] = -INF            # the model forbids tokens the reference allows
+    lp[3, :4] = -INF
+    lq[3, 2:10] = -INF           # both, overlapping
+    lp[4, :3] = -INF
+    lq[4, :3] = -INF             # both forbid the same tokens: no mismatch
+    lp[5, :20] = -INF
+    lq[5, 20:] = -INF            # disjoint supports: S is empty
+    lp[6, 0] = 30.0              # the reference's top token is forbidden by the model,
+    lq[6, 0] = -INF              # so P(S) is tiny: renormalising must not underflow
+    return lp, lq
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_categorical_support_mismatch_against_float64(dtype):
+    lp, lq = _support_case()
+    lp, lq = lp.to(dtype), lq.to(dtype)
+    ref = _support_reference(lp, lq)  # float64 on the same (rounded) values
+    rows = categorical_kl_rows(lp, lq, support=True)
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for got, want in ((rows.forward_shared, ref["fs"]), (rows.reverse_shared, ref["rs"]),
+                      (rows.reference_mass_outside, ref["mp"]),
+                      (rows.model_mass_outside, ref["mq"])):
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got.double(), want, **tol)
+    # the mass outside the other side's support is exactly what makes a direction +inf
+    assert torch.equal(torch.isinf(rows.forward), rows.reference_mass_outside > 0)
+    assert torch.equal(torch.isinf(rows.reverse), rows.model_mass_outside > 0)
+    assert bool(torch.isfinite(rows.forward_shared[:5]).all())
+    assert rows.forward_shared[5] == INF and rows.reverse_shared[5] == INF
+    # rows 0 and 4 share their whole support: the shared KL is the KL
+    for i in (0, 4):
+        assert rows.forward_shared[i] == rows.forward[i]
+        assert rows.model_mass_outside[i] == 0 and rows.reference_mass_outside[i] == 0
+    # the first five fields are the plain call's
+    plain = categorical_kl_rows(lp, lq)
+    for a, b in zip(plain, rows[:5], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_categorical_support_fields_reduced_like_the_kl():
+    lp, lq = _support_case()
+    lp, lq = lp[:5].reshape(1, 5, 40), lq[:5].reshape(1, 5, 40)
+    ref = {k: v.reshape(1, 5) for k, v in _support_reference(lp[0], lq[0]).items()}
+    mask = torch.tensor([[True, True, False, True, True]])
+    none = categorical_kl(lp, lq, mask, reduction="none")
+    mean = categorical_kl(lp, lq, mask)
+    total = categorical_kl(lp, lq, mask, reduction="sum")
+    zero = torch.zeros((), dtype=torch.float64)
+    for name, key in (("forward_shared", "fs"), ("reverse_shared", "rs"),
+                      ("reference_mass_outside", "mp"), ("model_mass_outside", "mq")):
+        want = torch.where(mask, ref[key], zero)
+        torch.testing.assert_close(getattr(none, name), want)
+        torch.testing.assert_close(getattr(mean, name), want.sum() / 4)
+        torch.testing.assert_close(getattr(total, name), want.sum(-1))
+    # the reference forbids tokens the model uses in row 1: reverse is +inf, the shared
+    # reverse KL and the leaked mass say how much
+    assert mean.reverse == INF and math.isfinite(float(mean.reverse_shared))
+    assert float(mean.model_mass_outside) > 0
+
+
+def test_categorical_without_minus_inf_support_fields_cost_nothing():
+    g = torch.Generator().manual_seed(3)
+    lp, lq = torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g)
+    rows = categorical_kl_rows(lp, lq, support=True)
+    assert torch.equal(rows.forward_shared, rows.forward)
+    assert torch.equal(rows.reverse_shared, rows.reverse)
+    assert not rows.reference_mass_outside.any() and not rows.model_mass_outside.any()
+
+
+def test_categorical_all_rows_masked():
+    lp, lq = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    nothing = torch.zeros(2, 3, dtype=torch.bool)
+    # a mean over zero rows is no number: the same error as CategoricalKL.compute()
+    with pytest.raises(ValueError, match="no rows were counted.*`mask`"):
+        categorical_kl(lp, lq, nothing)
+    # per row and per sequence, zero rows are well defined: zeros, n = 0
+    rows = categorical_kl(lp, lq, nothing, reduction="none")
+    seqs = categorical_kl(lp, lq, nothing, reduction="sum")
+    for out in (rows, seqs):
+        assert out.n == 0 and not out.forward.any() and not out.reverse.any()
+    assert seqs.forward.shape == (2,)
+    # every row dropped as non-finite: the same error, naming how many were dropped
+    bad = torch.full((2, 5), NAN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="2 non-finite rows dropped"):
+            categorical_kl(bad, bad)
+    # the kernel has no mask: it flags the rows invalid and gives zeros, never a mean
+    fwd, rev, _, _, valid = categorical_kl_rows(bad, bad)
+    assert not valid.any() and not fwd.any() and not rev.any()
+    from kl_monitor.metrics import CategoricalKL
+
+    metric = CategoricalKL()
+    metric.update(lp, lq, nothing)
+    with pytest.raises(ValueError, match="no rows were counted"):
+        metric.compute()
+
+
+def test_categorical_worker_threads_are_invisible():
+    """Chunks run in worker threads: same bits for any thread count, the caller's
+    thread count restored, and inference-mode inputs (Lightning's validation) work."""
+    g = torch.Generator().manual_seed(8)
+    lp = torch.randn(40, 3000, generator=g)
+    lq = lp + torch.randn(40, 3000, generator=g)
+    lp[3, :7] = -INF
+    base = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(categorical_kl_rows(lp, lq, support=True))
+            assert torch.get_num_threads() == threads
+        for other in results[1:]:
+            for a, b in zip(results[0], other, strict=True):
+                assert torch.equal(a, b)
+        with torch.inference_mode():
+            x, y = lp.clone(), lq.clone()
+            out = categorical_kl(x, y, reduction="none")
+        assert torch.equal(out.forward, results[0].forward)
+    finally:
+        torch.set_num_threads(base)
+    ref = kl_divergence(Categorical(logits=lp.double()), Categorical(logits=lq.double()))
+    torch.testing.assert_close(results[0].forward.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_categorical_fused_falls_back_to_eager(monkeypatch):
+    import kl_monitor.categorical as cat
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(cat, "_COMPILED", {})
+    monkeypatch.setattr(cat, "_FUSED_FAILED", set())
+    monkeypatch.setattr("kl_monitor._utils._WARNED", set())
+    lp, lq = torch.randn(4, 9), torch.randn(4, 9)
+    with pytest.warns(UserWarning, match="could not be compiled.*no compiler here"):
+        out = categorical_kl(lp, lq, reduction="none", fused=True)
+    eager = categorical_kl(lp, lq, reduction="none")
+    assert torch.equal(out.forward, eager.forward) and torch.equal(out.reverse, eager.reverse)
+    with pytest.raises(TypeError, match="`fused`"):
+        categorical_kl(lp, lq, fused="yes")
+
+
+def test_categorical_fused_matches_float64():
+    """The compiled kernel (one compilation, a few seconds to tens of seconds under load)
+    against float64, with -inf, NaN and bf16 rows: the same numbers as the eager path."""
+    g = torch.Generator().manual_seed(4)
+    lp = 2.0 * torch.randn(6, 700, generator=g, dtype=torch.float64)
+    lq = lp + 0.05 * torch.randn(6, 700, generator=g, dtype=torch.float64)
+    lp[1, :10] = -INF
+    lq[2, 5] = -INF
+    lq[4, 0] = NAN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the NaN row's drop warning
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = lp.to(dtype), lq.to(dtype)
+            fused = categorical_kl_rows(x, y, fused=True, support=True)
+            eager = categorical_kl_rows(x, y, support=True)
+            ref = _scipy_rows(x.double()[[0, 3, 5]], y.double()[[0, 3, 5]])
+            assert torch.equal(fused.valid, eager.valid) and not fused.valid[4]
+            for a, b in zip(fused, eager, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            for got, want in zip(fused[:4], ref, strict=True):
+                torch.testing.assert_close(got[[0, 3, 5]].double(), want, rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- properties
