@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     finally:
         load.stop()
+        print(f"busy processes stopped: PIDs {', '.join(str(p.pid) for p in load.procs)}")
     return report(results, extras, args, t_start)
 
 
