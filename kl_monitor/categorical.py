@@ -300,7 +300,7 @@ def categorical_kl_rows(
     chunk_rows: int | None = None,
     fused: bool = False,
     support: bool = False,
-):
+) -> tuple[torch.Tensor, ...] | CategoricalRows:
     r"""Per-row forward KL, reverse KL, H(P), H(Q) and a validity flag, chunked.
 
     The validation-free kernel behind ``categorical_kl`` and the metrics.
