@@ -908,7 +908,7 @@ class SampledKL(_SampleMetric):
             iw = ref.importance_weighted_reverse()
             reverse = DirectionEstimate(
                 iw.value, iw.stderr, float(iw.n), results.IMPORTANCE_WEIGHTED,
-                tail_index=iw.tail_index, ess=iw.ess,
+                tail_index=iw.tail_index, ess=iw.ess, reliable=iw.reliable,
             )  # fmt: skip
             group_reverse = _iw_groups(ref_groups, ref)
         return results.SampledResult(

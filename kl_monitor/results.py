@@ -62,6 +62,8 @@ class DirectionEstimate:
         variance_reduction: naive variance over the method's (Monte Carlo only).
         tail_index: Pareto k̂ of the weights (Monte Carlo only).
         ess: effective sample size (importance-weighted only).
+        reliable: whether the interval can be trusted (importance-weighted only:
+            ``IWEstimate.reliable``; ``None`` elsewhere).
     """
 
     value: float
@@ -72,6 +74,7 @@ class DirectionEstimate:
     variance_reduction: float | None = None
     tail_index: float | None = None
     ess: float | None = None
+    reliable: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -416,7 +419,8 @@ class SampledResult(_BothDirections):
     Keys: ``forward``, ``forward_stderr``, ``forward_n``, ``forward_c``,
     ``forward_variance_reduction``, ``forward_tail_index``; ``reverse``,
     ``reverse_stderr``, ``reverse_n``, ``reverse_ess``, ``reverse_tail_index``,
-    ``reverse_importance_weighted`` and, with model samples, ``reverse_c`` and
+    ``reverse_importance_weighted``, ``reverse_reliable`` (0 when the importance-weighted
+    interval failed its checks, else 1) and, with model samples, ``reverse_c`` and
     ``reverse_variance_reduction``; ``asymmetry``, ``nonfinite``,
     ``support_violations``; per group g ``forward/group_g``, ``forward_stderr/group_g``,
     ``forward_n/group_g`` and, where the model has mass, ``reverse/group_g``,
@@ -455,7 +459,8 @@ class SampledResult(_BothDirections):
                ("reverse", r.value), ("reverse_stderr", r.stderr), ("reverse_n", r.n),
                ("reverse_ess", r.ess if self.importance_weighted else r.n),
                ("reverse_tail_index", r.tail_index),
-               ("reverse_importance_weighted", float(self.importance_weighted))]  # fmt: skip
+               ("reverse_importance_weighted", float(self.importance_weighted)),
+               ("reverse_reliable", float(r.reliable is not False))]  # fmt: skip
         if not self.importance_weighted:
             out += [("reverse_c", r.c), ("reverse_variance_reduction", r.variance_reduction)]
         out += [("asymmetry", self.asymmetry), ("nonfinite", self.nonfinite),

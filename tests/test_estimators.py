@@ -214,12 +214,15 @@ def test_over_dispersion_formulas_hold_per_component():
 def test_over_dispersion(f):
     gen = torch.Generator().manual_seed(int(100 * f))
     n = 20_000
-    # reverse D(Q‖P) on samples of Q (σ_Q = f·σ_P): w = p/q is bounded, cv is used
+    # reverse D(Q‖P) on samples of Q (σ_Q = f·σ_P): w = p/q is bounded, but at these
+    # KLs (0.17, 1.6) the control variate's gain is too small to be worth its risk
     y = ring_sample(n, ALL_MODES, f * RING_SIGMA, gen)
-    rev = mc_kl(ring_log_density(y, ALL_MODES, f * RING_SIGMA),
-                ring_log_density(y, ALL_MODES, RING_SIGMA))
+    log_q_y, log_p_y = (ring_log_density(y, ALL_MODES, s * RING_SIGMA) for s in (f, 1.0))
+    rev = mc_kl(log_q_y, log_p_y)
     assert_within_stderr(rev, f**2 - 1 - 2 * math.log(f))
-    assert rev.method_used == "cv" and rev.variance_reduction > 1
+    assert rev.cv_weight < 1
+    if rev.cv_weight == 0:
+        assert rev.method_used == "naive" and rev.value == mc_kl(log_q_y, log_p_y, "naive").value
     # forward D(P‖Q) on samples of P
     x = ring_sample(n, ALL_MODES, RING_SIGMA, gen)
     fwd = mc_kl(ring_log_density(x, ALL_MODES, RING_SIGMA),

@@ -118,7 +118,12 @@ def test_montecarlo_accuracy_against_closed_form() -> None:
     out = metric.compute()
     true = float(torch.distributions.kl_divergence(p, q))  # 0.18
     assert abs(float(out["kl"]) - true) < 4 * float(out["stderr"])
-    assert float(out["variance_reduction"]) > 1.5 and float(out["c"]) < 0  # sign trap
+    # sign trap, where the default applies the control variate (near A ≈ B; at KL = 0.18
+    # its gain is too small to be worth the risk and the default is naive)
+    near = MonteCarloKL()
+    near.update(p.log_prob(x), torch.distributions.Normal(0.05, 1.0).log_prob(x))
+    out = near.compute()
+    assert float(out["variance_reduction"]) > 1.5 and float(out["c"]) < 0
 
 
 @settings(max_examples=25, deadline=None)

@@ -53,7 +53,7 @@ MONTE_CARLO = ["kl", "stderr", "n", "c", "variance_reduction", "tail_index", "no
                "support_violations"]  # fmt: skip
 SAMPLED = ["forward", "forward_stderr", "forward_n", "forward_c", "forward_variance_reduction",
            "forward_tail_index", "reverse", "reverse_stderr", "reverse_n", "reverse_ess",
-           "reverse_tail_index", "reverse_importance_weighted"]  # fmt: skip
+           "reverse_tail_index", "reverse_importance_weighted", "reverse_reliable"]  # fmt: skip
 SAMPLED_TAIL = ["asymmetry", "nonfinite", "support_violations"]
 REVERSE_GROUP = ["reverse", "reverse_stderr", "reverse_n", "reverse_mass"]
 

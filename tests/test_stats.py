@@ -1,5 +1,5 @@
 """Tests of the mergeable statistics (kl_monitor.stats): the sign trap, standard-error
-calibration, merge = concatenation, the tail diagnostic and the fallbacks.
+calibration, merge = concatenation, the tail diagnostic and the control variate's weight.
 
 The repeated-estimate fixtures follow DESIGN §3: P = N(0, 1), n = 1000 samples per
 estimate, forward KL D(P‖Q) for Q in {N(0.1,1), N(1,1), N(2,1), N(0,2²)}, with
@@ -101,10 +101,18 @@ def test_sign_trap_estimated_c_is_minus_one_near_equality(repeats):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_cv_never_worse_than_naive_or_k3(repeats, name):
+def test_cv_efficiency(repeats, name):
+    # The default takes the control variate's gain where it is large and safe (near
+    # A ≈ B: as good as k3) and is otherwise naive. At N(1,1) that gives up k3's 15%
+    # (documented in docs/estimators.md: coverage wins over efficiency).
     case = repeats[name]
     sd = {m: float(case[m][0].std()) for m in METHODS}
-    assert sd["cv"] <= 1.1 * min(sd["naive"], sd["k3"]), sd
+    if name == "N(0.1,1)":
+        assert sd["cv"] <= 1.05 * sd["k3"], sd
+    elif name == "N(1,1)":
+        assert sd["cv"] <= 1.1 * sd["naive"], sd
+    else:
+        assert sd["cv"] <= 1.1 * min(sd["naive"], sd["k3"]), sd
 
 
 def test_sign_trap_plus_one_is_worse(repeats):
@@ -134,16 +142,10 @@ def test_unbiased(repeats, name, method):
     values = case[method][0]
     bias = float(values.mean()) - case["truth"]
     se_of_mean = float(values.std()) / math.sqrt(len(values))
-    # Known and measured: cv at N(1,1) is biased by about −0.1 sd (−0.0022 ± 0.0004
-    # over 4000 repeats; −0.002 to −0.004 over 2000 at other seeds): the per-batch
-    # choice between cv and its naive fallback (Pareto k̂ of the largest weights)
-    # correlates with the value. Cross-fitted cv without the fallback is unbiased
-    # there (+0.0003 ± 0.0003). This bound only holds it to a fifth of its own sd.
-    if (method, name) == ("cv", "N(1,1)"):
-        limit = 0.2 * float(values.std())
-    else:
-        limit = 4 * se_of_mean
-    assert abs(bias) < limit, (bias, se_of_mean)
+    # The first version's hard fallback made cv at N(1,1) biased by about −0.1 sd (the
+    # per-batch choice correlated with the value). The coefficient and the weight of the
+    # control variate now both come from the other fold: unbiased to Monte Carlo error.
+    assert abs(bias) < 4 * se_of_mean, (bias, se_of_mean)
 
 
 # --------------------------------------------------------------------------- calibration
