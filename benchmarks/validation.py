@@ -288,8 +288,8 @@ def run_case(family, a, b, direction, n, reps, seed, truth, iw_truth) -> Result:
     res.vals["cv_old"] = (v, s)
     res.old_fallback = fall
     iw = importance_weighted_from_sums(tot, torch.zeros(reps, dtype=torch.float64))
-    flags = [iw_reliability(float(iw["ess"][r]), n, float(tails[r]), float(iw["z_mean_w"][r]))[0]
-             for r in range(reps)]
+    flags = [iw_reliability(float(iw["ess"][r]), n, float(tails[r]), float(iw["z_mean_w"][r]),
+                            float(iw["shortfall"][r]))[0] for r in range(reps)]
     res.iw = (iw["value"].numpy(), iw["stderr"].numpy(), np.array(flags))
     res.iw_truth = iw_truth
     return res

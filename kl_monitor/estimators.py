@@ -107,10 +107,11 @@ def iw_reverse_kl(
 
     Use it when the model cannot be sampled. Its variance can be enormous and its
     sample variance can badly understate it, so the result carries a trust flag:
-    ``.reliable`` is ``True`` only when the weights' tail index k̂ is confidently light,
-    the effective sample size (Σw)²/Σw² is at least a tenth of n and mean(w) is within
-    3 standard errors of its known value 1; otherwise ``.reason`` says which check
-    failed and the interval must not be read as a 95% interval.
+    ``.reliable`` is ``True`` only when mean(w) is within 3 standard errors of its known
+    value 1, the weights' tail index k̂ is confidently light, the effective sample size
+    (Σw)²/Σw² is at least half of n and the log ratio is not too skewed for n;
+    otherwise ``.reason`` says which check failed, and the interval must not be read
+    as a 95% interval.
 
     Args:
         log_p: log p(x) at samples x ~ P.

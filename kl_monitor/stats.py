@@ -512,9 +512,10 @@ class KLStats:
 
         With w = b/a and w̃ = w / mean(w), the estimate is mean(w̃ log w̃); the standard
         error is from the delta method. Support violations (b = 0) enter as w = 0.
-        ``reliable`` is ``False`` (with a ``reason``) unless the weights' tail is
-        confidently light, the effective sample size is at least ``IW_MIN_ESS_FRACTION``
-        of n and mean(w) is within ``IW_MEAN_Z`` standard errors of 1 (``iw_reliability``).
+        ``reliable`` is ``False`` (with a ``reason``) unless mean(w) is within
+        ``IW_MEAN_Z`` standard errors of 1, the weights' tail is confidently light, the
+        effective sample size is at least ``IW_MIN_ESS_FRACTION`` of n and the log ratio is
+        not too skewed for n (``iw_reliability``).
         """
         sums, counts = self._host()
         t = sums.sum(0)
@@ -524,8 +525,10 @@ class KLStats:
             raise ValueError("no finite samples to estimate from.")
         out = importance_weighted_from_sums(t, support)
         tail = self.tail_index()
-        value, stderr, ess, z = (float(out[k]) for k in ("value", "stderr", "ess", "z_mean_w"))
-        reliable, reason = iw_reliability(ess, n, tail, z)
+        value, stderr, ess, z, short = (
+            float(out[k]) for k in ("value", "stderr", "ess", "z_mean_w", "shortfall")
+        )
+        reliable, reason = iw_reliability(ess, n, tail, z, short)
         return IWEstimate(value, stderr, ess, n, tail, reliable, reason, z)
 
     def __repr__(self) -> str:
@@ -763,9 +766,10 @@ def importance_weighted_from_sums(
     """Self-normalised D(B‖A) from ``(..., NCOL)`` total sums, batched over ``...``.
 
     ``support`` counts samples with b = 0 (weight 0). Returns ``value``, ``stderr``
-    (delta method), ``ess`` = (Σw)²/Σw², ``n`` and ``z_mean_w``: how many standard errors
+    (delta method), ``ess`` = (Σw)²/Σw², ``n``, ``z_mean_w``: how many standard errors
     mean(w) is from its known value 1 (negative when the sample has not reached all of
-    B's mass, which is how a tail the sample lacks shows).
+    B's mass, which is how a tail the sample lacks shows), and ``shortfall``: the
+    coverage shortfall predicted from the skewness of ℓ and of ℓ + w − 1.
     """
     n = t[..., N] + support
     safe = n.clamp(min=1.0)
@@ -786,24 +790,36 @@ def importance_weighted_from_sums(
     se_w = (var_w / safe).sqrt()
     z = torch.where(se_w > 0, (b - 1.0) / se_w.where(se_w > 0, torch.ones_like(se_w)),
                     torch.where(b == 1.0, torch.zeros_like(b), torch.full_like(b, -math.inf)))
-    return {"value": value, "stderr": stderr, "ess": ess, "n": n, "z_mean_w": z}
+    skew2 = torch.maximum(_skew2(t, torch.zeros_like(b)), _skew2(t, torch.ones_like(b)))
+    shortfall = 0.229 * (1.08 * skew2 + 1.71) / safe
+    return {"value": value, "stderr": stderr, "ess": ess, "n": n, "z_mean_w": z,
+            "shortfall": shortfall}
 
 
 #: The importance-weighted reverse estimate is flagged unreliable unless its effective
 #: sample size is at least this fraction of n ...
-IW_MIN_ESS_FRACTION = 0.1
-#: ... mean(w) is within this many standard errors of 1, and k̂ is confidently below 0.5.
+IW_MIN_ESS_FRACTION = 0.5
+#: ... mean(w) is within this many standard errors of 1, k̂ is confidently below 0.5 ...
 IW_MEAN_Z = 3.0
+#: ... and the coverage shortfall predicted from the skewness of ℓ and of ℓ + w − 1 (near
+#: A ≈ B the estimator's influence function is ≈ ℓ²/2, like k3's) is at most this.
+IW_MAX_SHORTFALL = 0.01
 
 
-def iw_reliability(ess: float, n: int, tail_index: float, z_mean_w: float) -> tuple[bool, str]:
+def iw_reliability(
+    ess: float, n: int, tail_index: float, z_mean_w: float, shortfall: float = 0.0
+) -> tuple[bool, str]:
     """Can the importance-weighted interval be trusted? ``(reliable, reason)``."""
     if n < 20:
         return False, "fewer than 20 samples"
-    if tail_may_be_heavy(tail_index, n) or math.isnan(tail_index):
+    if not abs(z_mean_w) <= IW_MEAN_Z:
+        return False, f"mean(w) is {z_mean_w:+.1f} standard errors from its known value 1"
+    if math.isnan(tail_index):
+        return False, "the weights' tail index cannot be estimated"
+    if tail_may_be_heavy(tail_index, n):
         return False, f"weights may be heavy-tailed (k̂ = {tail_index:.2f})"
     if ess < IW_MIN_ESS_FRACTION * n:
         return False, f"effective sample size {ess:.0f} of {n}"
-    if not abs(z_mean_w) <= IW_MEAN_Z:
-        return False, f"mean(w) is {z_mean_w:+.1f} standard errors from 1"
+    if not shortfall <= IW_MAX_SHORTFALL:
+        return False, f"the log-ratio is too skewed for n = {n} (shortfall {shortfall:.3f})"
     return True, ""
