@@ -375,9 +375,9 @@ class MonteCarloKL(_SampleMetric):
     r"""Monte Carlo D(A‖B) from samples x ~ A, exact across batches and ranks.
 
     With ℓ = log a(x) − log b(x) and w = b(x)/a(x), the per-sample terms are ℓ (``naive``),
-    ℓ + (w − 1) (``k3``) or ℓ − c·(w − 1) with the cross-fitted c = Cov(ℓ, w)/Var(w)
-    (``cv``, the default; it falls back to naive when the Pareto tail index of w may
-    be ≥ 0.5). See ``mc_kl``. The states are the float64 sums
+    ℓ + (w − 1) (``k3``) or ℓ − λ·c·(w − 1) with the cross-fitted c = Cov(ℓ, w)/Var(w)
+    and a weight λ ∈ [0, 1] that is 1 only where the control variate's interval can be
+    trusted (``cv``, the default; naive when λ = 0). See ``mc_kl``. The states are the float64 sums
     of ``KLStats`` (n, Σℓ, Σℓ², Σu, Σu², Σℓu, ... per fold), a
     top-k of log w and counters, all summed (top-k: merged) across batches and ranks,
     so the result on a held-out set does not depend on how it was split.
@@ -396,7 +396,8 @@ class MonteCarloKL(_SampleMetric):
       group that received samples. Per-group values are naive means of ℓ (the control
       variate has zero mean over A, not within a group), so
       Σ_g n_g·kl_g / Σ_g n_g is the naive estimate over all samples.
-    - attributes ``method`` and ``method_used`` (``"naive"`` when ``cv`` fell back).
+    - attributes ``method`` and ``method_used`` (``"naive"`` when ``cv`` gave the control
+      variate weight 0).
 
     Args:
         method: ``"cv"``, ``"k3"`` or ``"naive"``.
