@@ -6,6 +6,7 @@ where the reference has none, and stays small when the model drops modes. Always
 look at both.
 """
 
+from .binned import BinnedKLResult, binned_kl, fit_cells
 from .callback import KLAlertWarning, KLMonitor, KLMonitorWarning
 from .detectors import ALERT_KINDS, Alert, AlertRules, CusumDetector, Evaluation
 from .estimators import (
@@ -17,6 +18,7 @@ from .estimators import (
 )
 from .generation import Generation, hf_generation_inputs, sample_continuations
 from .inputs import INPUT_KINDS, KLInputs
+from .knn import KNNKLResult, knn_kl
 from .metrics import CategoricalKL, MonteCarloKL, SampledKL
 from .results import (
     CategoricalResult,
@@ -27,6 +29,7 @@ from .results import (
     RowSource,
     SampledResult,
 )
+from .sample_metrics import KNNKL, BinnedKL
 from .sequences import SamplingTransform, SequenceKLEstimate, sequence_kl
 from .stats import IWEstimate, KLEstimate, KLStats, pareto_tail_index
 
@@ -37,6 +40,8 @@ __all__ = [
     "INPUT_KINDS",
     "Alert",
     "AlertRules",
+    "BinnedKL",
+    "BinnedKLResult",
     "CategoricalKL",
     "CategoricalKLResult",
     "CategoricalResult",
@@ -53,6 +58,8 @@ __all__ = [
     "KLMonitorWarning",
     "KLResult",
     "KLStats",
+    "KNNKL",
+    "KNNKLResult",
     "MonteCarloKL",
     "MonteCarloResult",
     "RowSource",
@@ -63,7 +70,10 @@ __all__ = [
     "categorical_kl",
     "categorical_kl_rows",
     "hf_generation_inputs",
+    "binned_kl",
+    "fit_cells",
     "iw_reverse_kl",
+    "knn_kl",
     "mc_kl",
     "pareto_tail_index",
     "sample_continuations",

@@ -218,6 +218,7 @@ def knn_kl(
     *,
     nonfinite: str = "skip",
     chunk_rows: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> KNNKLResult:
     r"""Forward and reverse KL from samples alone, by k nearest neighbours.
 
@@ -247,6 +248,7 @@ def knn_kl(
         k: neighbours (default 5). Larger k: less variance, more bias.
         nonfinite: ``"skip"`` or ``"raise"``.
         chunk_rows: query rows per chunk (default: about 2^20 distances per chunk).
+        dtype: distance precision (default float32, float64 for float64 input).
 
     Returns:
         ``KNNKLResult`` with ``forward``, ``reverse``, their stderr, n, m, d, k, the
@@ -290,7 +292,7 @@ def knn_kl(
                 f"with k={k} needs at least k + 2 = {k + 2} (k neighbours, one more for "
                 "the jackknife)."
             )
-    dtype = compute_dtype(x)
+    dtype = dtype or compute_dtype(x)
     centre = x.detach()[keep_x].to(torch.float64).mean(0)
     xs = (x.detach()[keep_x].to(torch.float64) - centre).to(dtype)
     ys = (y.detach()[keep_y].to(torch.float64) - centre).to(dtype)
