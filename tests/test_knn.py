@@ -49,7 +49,8 @@ def _brute(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
     nu = cKDTree(ya).query(xa, k)[0]
     nu = nu[:, k - 1] if k > 1 else nu
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    return float(d * (torch.tensor(nu).log() - torch.tensor(rho).log()).mean() + math.log(m / (n - 1)))
+    terms = torch.tensor(nu).log() - torch.tensor(rho).log()
+    return float(d * terms.mean() + math.log(m / (n - 1)))
 
 
 @pytest.mark.parametrize("k", [1, 5])
@@ -215,7 +216,8 @@ def test_metric_union_of_batches_equals_the_function():
     y, _ = ring(900, KEPT, g)
     metric = KNNKL(num_groups=MODES)
     for i in range(3):
-        metric.update(x[i * 400:(i + 1) * 400], y[i * 300:(i + 1) * 300], lab[i * 400:(i + 1) * 400])
+        rows = slice(i * 400, (i + 1) * 400)
+        metric.update(x[rows], y[i * 300:(i + 1) * 300], lab[rows])
     out = metric.compute()
     ref = knn_kl(x, y)
     assert float(out["forward"]) == pytest.approx(ref.forward, rel=1e-6)
