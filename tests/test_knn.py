@@ -17,6 +17,9 @@ from scipy.spatial import cKDTree
 from kl_monitor import KNNKL, knn_kl
 from kl_monitor.knn import group_means
 
+# many small tensor ops: one intra-op thread (see conftest.single_thread)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MODES, KEPT = 8, (0, 1, 2, 4, 6)
 DROPPED = {3, 5, 7}
 
@@ -99,7 +102,7 @@ def test_gaussian_estimate_within_its_interval(d):
 
 
 @pytest.mark.parametrize("d", [1, 2, 5, 10])
-def test_gaussian_coverage_over_200_repeats(d, single_thread):
+def test_gaussian_coverage_over_200_repeats(d):
     """Nominal 95% intervals at n = m = 300 (shift 0.5, KL = 0.125, also a wider model in d
     ≤ 2) cover the truth in ≥ 90% of 200 repeats (binomial: a true 95% falls below 90%
     with probability < 0.1%), and the jackknife stderr is neither tiny nor absurdly
