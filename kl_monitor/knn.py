@@ -2,7 +2,7 @@
 
 For generators without a density (GANs, diffusion samplers, implicit models), forward
 and reverse KL follow from distances alone (Wang, Kulkarni & Verdú 2009). Distances
-are computed in chunks of query rows (``torch.cdist`` + ``topk``) on the samples'
+are computed in chunks of query rows (one matrix product + ``topk``) on the samples'
 device, so the extra memory is one chunk, not n × m.
 """
 
@@ -17,9 +17,10 @@ from ._utils import check_nonfinite_mode, compute_dtype, warn_once
 
 __all__ = ["KNNKLResult", "knn_kl", "check_samples", "group_means"]
 
-# Elements of one chunk of the distance matrix: 2^20 float32 = 4 MiB on CPU (about an
-# L2 cache); accelerators get 16x larger chunks to keep kernel launches few.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements of one chunk of the distance matrix: 2^22 float32 = 16 MiB on CPU (smaller
+# chunks made the matrix products slower, measured in benchmarks/samples.py);
+# accelerators get 16x larger chunks to keep kernel launches few.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -116,24 +117,26 @@ def _neighbours(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted distances ``(nq, kk)`` to the ``kk`` nearest rows of ``base``, and indices.
 
-    ``same``: query is base; a row is not its own neighbour (its duplicates are). Rows
-    are selected on ``torch.cdist`` (matrix-product form, fast but inexact for close
-    points), then their distances are recomputed exactly from differences, so an
-    exact duplicate has distance 0, not a rounding residue.
+    ``same``: query is base; a row is not its own neighbour (its duplicates are).
+    Rows are selected on |b|² − 2 q·b (one matrix product per chunk; the query's own
+    |q|² does not change its ranking), fast but inexact for close points; the
+    selected distances are then recomputed exactly from differences, so an exact
+    duplicate has distance 0, not a rounding residue.
     """
     nq, nb = query.shape[0], base.shape[0]
     elems = _CHUNK_ELEMENTS if query.device.type == "cpu" else _CHUNK_ELEMENTS << 4
     step = max(1, min(nq, chunk_rows or elems // max(nb, 1)))
     dist = torch.empty(nq, kk, dtype=query.dtype, device=query.device)
     index = torch.empty(nq, kk, dtype=torch.long, device=query.device)
+    sq_base, base_t = (base * base).sum(1), base.T
     for start in range(0, nq, step):
         q = query[start:start + step]
-        full = torch.cdist(q, base)
+        score = torch.addmm(sq_base, q, base_t, alpha=-2.0)
         if same:
             rows = torch.arange(q.shape[0], device=q.device)
-            full[rows, rows + start] = math.inf
-        idx = full.topk(kk, dim=1, largest=False, sorted=False).indices
-        del full
+            score[rows, rows + start] = math.inf
+        idx = score.topk(kk, dim=1, largest=False, sorted=False).indices
+        del score
         exact = (q[:, None, :] - base[idx]).norm(dim=-1)
         exact, order = exact.sort(dim=1)
         dist[start:start + step] = exact
@@ -234,7 +237,7 @@ def knn_kl(
     (k+1)-th neighbours, so they account for the dependence between per-row terms.
 
     Distances are Euclidean, computed in chunks of rows on the samples' device (extra
-    memory: one chunk of about 2^20 distances on CPU), in float32 (float64 for float64
+    memory: one chunk of about 2^22 distances on CPU), in float32 (float64 for float64
     input), after centring both sets on the reference mean. Estimates are invariant
     to a common translation, a common scaling and the order of the samples.
 
@@ -247,7 +250,7 @@ def knn_kl(
         model_samples: ``(m, d)`` samples of the model Q, same d.
         k: neighbours (default 5). Larger k: less variance, more bias.
         nonfinite: ``"skip"`` or ``"raise"``.
-        chunk_rows: query rows per chunk (default: about 2^20 distances per chunk).
+        chunk_rows: query rows per chunk (default: about 2^22 distances per chunk).
         dtype: distance precision (default float32, float64 for float64 input).
 
     Returns:
