@@ -24,8 +24,10 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
+
 from . import _lightning_compat as compat
-from . import actions
+from . import actions, sample_metrics
 from . import tensorboard as tb
 from ._utils import warn_once
 from .actions import KLAlertWarning, KLMonitorWarning
@@ -105,11 +107,15 @@ class _KLMonitorLogic:
         log_histograms: bool = True,
         prog_bar: bool = False,
         seed: int = 0,
+        sample_estimator: str = "knn",
+        num_cells: int = 16,
+        max_samples: int = 8192,
     ) -> None:
         stop_on = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
         _check_config(every_n_train_steps, overhead_budget, max_batches, method, reduction,
                       prefix, rules, inputs_fn, on_alert, stop_on)  # fmt: skip
         compat.check_val_loader(val_loader)
+        sample_metrics.check_monitor_config(sample_estimator, num_cells, max_samples)
         self.every_n_train_steps = every_n_train_steps
         self.overhead_budget = float(overhead_budget)
         self.max_batches = max_batches
@@ -123,10 +129,9 @@ class _KLMonitorLogic:
         self.prog_bar = prog_bar
         self.seed = seed
         self.cadence = Cadence(every_n_train_steps, overhead_budget)
-        self.evaluator = Evaluator(
-            dataloader, inputs_fn, MetricConfig(method, reduction, num_groups), log_histograms,
-            val_loader,
-        )  # fmt: skip
+        config = MetricConfig(method, reduction, num_groups, sample_estimator, num_cells,
+                              max_samples, seed)  # fmt: skip
+        self.evaluator = Evaluator(dataloader, inputs_fn, config, log_histograms, val_loader)
         self._fresh_rules = copy.deepcopy(self.rules.state_dict())
         self._reset_run()
         self._layout_written = False
@@ -144,6 +149,7 @@ class _KLMonitorLogic:
         self.rules.load_state_dict(copy.deepcopy(self._fresh_rules))
         # the checkpoint's input kind, compared with the inputs' at on_train_start
         self._restored_kind: str | None = None
+        self._cells_logged = False
 
     # the checkpointed schedule lives in the cadence
     n_evals = property(lambda self: self.cadence.n_evals)
@@ -258,6 +264,11 @@ class _KLMonitorLogic:
             self.leak_rule.load_state_dict(state_dict["leak_rule"])
         self._restored_kind = state_dict.get("kind")
         self.last_result = dict(state_dict.get("last_result", {}))
+        cells = state_dict.get("cells")
+        if cells is not None:
+            self.evaluator.cells = torch.tensor(cells, dtype=torch.float64)
+            if self.evaluator.metric is not None:
+                self.evaluator.metric.centroids = self.evaluator.cells
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, trainer: Any, pl_module: Any) -> dict[str, float] | None:
@@ -310,6 +321,11 @@ class _KLMonitorLogic:
             a.kind == "over_dispersion" for a in fired
         ):
             fired += leaks
+        cells = sample_metrics.cells_as_groups(result)
+        if cells is not None:
+            fired = [sample_metrics.with_cells(alert, cells) for alert in fired]
+            if trainer.is_global_zero and not self._cells_logged:
+                self._cells_logged = tb.write_cells(trainer.loggers, self.prefix, step, cells)
         self.alerts.extend(fired)
         scalars = actions.evaluation_scalars(self.prefix, result, self.failures, fired)
         self.last_result, self.last_evaluation = scalars, result
@@ -408,7 +424,13 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
         stop_on: alert kinds that stop training, e.g. ``("collapse",)``.
         log_histograms: log per-sample log-ratio histograms to TensorBoard.
         prog_bar: show forward and reverse KL in the progress bar.
-        seed: base seed of the monitor's own RNG.
+        seed: base seed of the monitor's own RNG (and of the k-means cells).
+        sample_estimator: for ``KLInputs.from_samples``: ``"knn"`` (``KNNKL``, default)
+            or ``"binned"`` (``BinnedKL``).
+        num_cells: k-means cells of the reference used as groups for sample inputs
+            without ``groups`` (default 16); kept in the checkpoint.
+        max_samples: sample inputs: rows kept per side per rank and evaluation (memory
+            bound; default 8192).
 
     Examples:
         >>> from kl_monitor import KLMonitor

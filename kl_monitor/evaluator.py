@@ -25,6 +25,7 @@ from . import _lightning_compat as compat
 from .inputs import KLInputs
 from .metrics import CategoricalKL, SampledKL, _KLMetric
 from .results import KLResult
+from .sample_metrics import KNNKL, BinnedKL
 
 __all__ = ["Evaluator", "METRIC_FOR_KIND", "MetricConfig"]
 
@@ -39,12 +40,30 @@ class MetricConfig:
     method: str = "cv"
     reduction: str = "token_mean"
     num_groups: int | None = None
+    sample_estimator: str = "knn"
+    num_cells: int = 16
+    max_samples: int = 8192
+    seed: int = 0
+
+
+def _sample_metric(c: MetricConfig) -> _KLMetric:
+    """``KNNKL`` (labelled groups, else cells) or ``BinnedKL`` (cells) for samples."""
+    common = dict(max_samples=c.max_samples, seed=c.seed)
+    if c.sample_estimator == "binned":
+        if c.num_groups is not None:
+            raise ValueError(
+                "sample_estimator='binned' uses its cells as groups; drop `num_groups` "
+                "(and `groups=`) or use sample_estimator='knn'."
+            )
+        return BinnedKL(num_cells=c.num_cells, **common)
+    return KNNKL(num_groups=c.num_groups, num_cells=c.num_cells, **common)
 
 
 #: Input kind (``KLInputs.kind``) -> the metric that accumulates it.
 METRIC_FOR_KIND: dict[str, Callable[[MetricConfig], _KLMetric]] = {
     "logits": lambda c: CategoricalKL(reduction=c.reduction, num_groups=c.num_groups),
     "log_probs": lambda c: SampledKL(method=c.method, num_groups=c.num_groups),
+    "samples": _sample_metric,
 }
 
 
@@ -102,6 +121,8 @@ class Evaluator:
         self.histogram: torch.Tensor | None = None
         self.val_loader = val_loader
         self.held: compat.HeldOut | None = None
+        #: cells of sample-only inputs from a checkpoint, for the metric once it exists
+        self.cells: torch.Tensor | None = None
 
     def reset(self) -> None:
         if self.metric is not None:
@@ -166,8 +187,9 @@ class Evaluator:
         for inputs in items:
             if not isinstance(inputs, KLInputs):
                 raise TypeError(
-                    "`kl_inputs`/`inputs_fn` must return KLInputs (KLInputs.from_logits or "
-                    f"KLInputs.from_log_probs), or a list of them, got {type(inputs).__name__}."
+                    "`kl_inputs`/`inputs_fn` must return KLInputs (KLInputs.from_logits, "
+                    "from_log_probs or from_samples), or a list of them, got "
+                    f"{type(inputs).__name__}."
                 )
             if self.kind is not None and inputs.kind != self.kind:
                 raise ValueError(
@@ -186,4 +208,6 @@ class Evaluator:
         if self.metric is None:
             self.kind = inputs.kind
             self.metric = METRIC_FOR_KIND[inputs.kind](self.config)
+            if self.cells is not None and hasattr(self.metric, "centroids"):
+                self.metric.centroids = self.cells  # restored from a checkpoint
         return self.metric.to(device)

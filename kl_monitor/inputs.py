@@ -14,13 +14,14 @@ from typing import Literal
 import torch
 
 from ._utils import check_floating, check_logits, check_same_shape
+from .knn import check_samples
 from .sequences import valid_direction
 
 __all__ = ["INPUT_KINDS", "InputKind", "KLInputs"]
 
-InputKind = Literal["logits", "log_probs"]
+InputKind = Literal["logits", "log_probs", "samples"]
 #: The input kinds: ``KLInputs.kind``, and the keys of ``evaluator.METRIC_FOR_KIND``.
-INPUT_KINDS: tuple[InputKind, ...] = ("logits", "log_probs")
+INPUT_KINDS: tuple[InputKind, ...] = ("logits", "log_probs", "samples")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class KLInputs:
     - ``from_logits``: exact categorical KL in both directions (preferred).
     - ``from_log_probs``: Monte Carlo forward KL from reference samples, reverse
       KL from model samples or, without them, by importance weighting.
+    - ``from_samples``: samples (or features) only, for generators without a density
+      (GANs, diffusion samplers): k-NN or binned KL, both directions.
 
     Examples:
         >>> import torch
@@ -142,3 +145,39 @@ class KLInputs:
             model_samples_log_p=model_samples_log_p,
             model_samples_groups=model_samples_groups,
         )
+
+    @classmethod
+    def from_samples(
+        cls,
+        reference_samples: torch.Tensor,
+        model_samples: torch.Tensor,
+        *,
+        groups: torch.Tensor | None = None,
+    ) -> KLInputs:
+        """Samples of the reference and of the model, for a model without a density.
+
+        The monitor keeps the samples of up to ``max_batches`` batches (at most
+        ``max_samples`` rows per side per rank), gathers them across ranks and
+        estimates on the union: k-NN KL (``KNNKL``, default) or binned KL over cells
+        learned from the reference (``BinnedKL``), chosen by the monitor's
+        ``sample_estimator``. For images, pass features from an encoder of your choice
+        (low-dimensional ones: the k-NN bias grows with d).
+
+        Args:
+            reference_samples: ``(n, d)`` held-out samples (points or features) of P.
+            model_samples: ``(m, d)`` samples of the model Q, same d (m may differ).
+            groups: optional integer label per reference sample (class, mode), with
+                ``num_groups`` on the monitor. Without labels the monitor's groups are
+                k-means cells of the reference (``num_cells``).
+        """
+        check_samples("reference_samples", reference_samples)
+        check_samples("model_samples", model_samples, d=reference_samples.shape[1])
+        if groups is not None and (
+            not isinstance(groups, torch.Tensor)
+            or tuple(groups.shape) != (reference_samples.shape[0],)
+        ):
+            raise ValueError(
+                f"`groups` must be a tensor of shape ({reference_samples.shape[0]},), one "
+                f"label per reference sample, got {getattr(groups, 'shape', type(groups))}."
+            )
+        return cls("samples", reference_samples, model_samples, groups=groups)

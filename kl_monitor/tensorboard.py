@@ -138,3 +138,15 @@ def alert_record(alert: Any) -> str:
     Infinite numbers are written as ``Infinity`` (``json`` reads them back).
     """
     return json.dumps(alert.to_dict(), sort_keys=True, default=str)
+
+
+def write_cells(loggers: Iterable[Any], prefix: str, step: int, centroids: torch.Tensor) -> bool:
+    """One text entry with the centre of every cell (groups of sample-only inputs)."""
+    writers = _writers(loggers)
+    rows = [f"| {c} | " + ", ".join(f"{v:.3g}" for v in row) + " |"
+            for c, row in enumerate(centroids.tolist())]
+    text = "| cell | centre |\n|---|---|\n" + "\n".join(rows)
+    for writer in writers:
+        writer.add_text(f"{prefix}/cells", text, global_step=step)
+        writer.flush()
+    return bool(writers)
