@@ -243,8 +243,20 @@ class KNNKL(_SampleSetMetric):
         (True, 2000)
     """
 
-    def __init__(self, k: int = 5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        k: int = 5,
+        num_groups: int | None = None,
+        num_cells: int | None = 16,
+        max_samples: int = 8192,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_groups=num_groups, num_cells=num_cells, max_samples=max_samples, seed=seed,
+            nonfinite=nonfinite, **kwargs,
+        )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         self.k = k
@@ -299,7 +311,10 @@ class BinnedKL(_SampleSetMetric):
         num_cells: K.
         smoothing: pseudo-count per cell.
         alpha: level of the per-cell test.
-        max_samples, seed, nonfinite, kwargs: as in ``KNNKL``.
+        max_samples: rows kept per side per rank (memory bound, see module doc).
+        seed: seed of the k-means cells.
+        nonfinite: ``"skip"`` (drop NaN/±inf rows, counted) or ``"raise"``.
+        kwargs: torchmetrics ``Metric`` options.
 
     Examples:
         >>> import torch
@@ -314,11 +329,21 @@ class BinnedKL(_SampleSetMetric):
     """
 
     def __init__(
-        self, num_cells: int = 16, smoothing: float = 0.5, alpha: float = 0.05, **kwargs: Any
+        self,
+        num_cells: int = 16,
+        smoothing: float = 0.5,
+        alpha: float = 0.05,
+        max_samples: int = 8192,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        **kwargs: Any,
     ) -> None:
         if kwargs.get("num_groups") is not None:
             raise ValueError("BinnedKL's groups are its cells; use KNNKL for labelled groups.")
-        super().__init__(num_cells=num_cells, **kwargs)
+        super().__init__(
+            num_cells=num_cells, max_samples=max_samples, seed=seed, nonfinite=nonfinite,
+            **kwargs,
+        )
         binned_kl_counts(torch.ones(2), torch.ones(2), smoothing=smoothing, alpha=alpha)
         self.smoothing, self.alpha = float(smoothing), float(alpha)
 
