@@ -28,6 +28,7 @@ from .results import (
     MonteCarloResult,
     RowSource,
     SampledResult,
+    SamplesResult,
 )
 from .sample_metrics import KNNKL, BinnedKL
 from .sequences import SamplingTransform, SequenceKLEstimate, sequence_kl
@@ -67,10 +68,11 @@ __all__ = [
     "SampledResult",
     "SamplingTransform",
     "SequenceKLEstimate",
+    "SamplesResult",
+    "binned_kl",
     "categorical_kl",
     "categorical_kl_rows",
     "hf_generation_inputs",
-    "binned_kl",
     "fit_cells",
     "iw_reverse_kl",
     "knn_kl",

@@ -196,22 +196,26 @@ def _direction(
 
 def group_means(
     terms: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, num_groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group mean of per-row ``terms`` over ``valid`` rows, and the valid row count.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group mean of per-row ``terms`` over ``valid`` rows, its count and stderr.
 
     Σ_g count_g·mean_g / Σ_g count_g is the overall mean: a group's contribution to the
-    total is count_g/n · mean_g. Groups without valid rows get mean 0 and count 0.
+    total is count_g/n · mean_g. The stderr is sd/√count, which ignores the dependence
+    between neighbouring rows' terms (a rough scale; the global jackknife does not).
+    Groups without valid rows get mean 0, count 0 and stderr ``inf``.
     """
     f64 = torch.float64
     keep = valid & (labels >= 0)
     lab = labels[keep].to(torch.long)
-    count = torch.zeros(num_groups, dtype=f64, device=terms.device).index_add_(
-        0, lab, torch.ones_like(lab, dtype=f64)
-    )
-    total = torch.zeros(num_groups, dtype=f64, device=terms.device).index_add_(
-        0, lab, terms[keep].to(f64)
-    )
-    return torch.where(count > 0, total / count.clamp(min=1), 0.0), count
+    t = terms[keep].to(f64)
+    zeros = torch.zeros(num_groups, dtype=f64, device=terms.device)
+    count = zeros.index_add(0, lab, torch.ones_like(t))
+    total = zeros.index_add(0, lab, t)
+    total_sq = zeros.index_add(0, lab, t * t)
+    mean = torch.where(count > 0, total / count.clamp(min=1), 0.0)
+    var = (total_sq - count * mean * mean).clamp(min=0) / (count - 1).clamp(min=1)
+    stderr = torch.where(count > 1, (var / count.clamp(min=1)).sqrt(), math.inf)
+    return mean, count, stderr
 
 
 def knn_kl(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -38,6 +38,7 @@ __all__ = [
     "KLResult",
     "MonteCarloResult",
     "SampledResult",
+    "SamplesResult",
 ]
 
 Direction = Literal["forward", "reverse"]
@@ -473,4 +474,63 @@ class SampledResult(_BothDirections):
         if not self.importance_weighted:
             for g in sorted(self.group_reverse):
                 out += _group_pairs("reverse", self.group_reverse, g, detail, "reverse_mass")
+        return [(k, float(v)) for k, v in out]
+
+
+@dataclass(frozen=True, eq=False)
+class SamplesResult(_BothDirections):
+    """``KNNKL.compute()`` and ``BinnedKL.compute()``: both directions from samples alone.
+
+    ``forward.n`` counts reference samples and ``reverse.n`` model samples;
+    ``method_used`` is ``"knn"`` or ``"binned"``. Per-group values are means of the
+    per-sample k-NN terms (or a cell's log ratio for binned); ``mass`` on the reverse
+    estimates is the model's share of samples in the group.
+
+    Keys: ``forward``, ``reverse``, ``asymmetry``, ``forward_stderr``,
+    ``reverse_stderr``, ``n``, ``m``, ``d``, then ``k`` (k-NN) or ``num_cells`` and
+    ``ndb`` (binned), ``ties``, ``nonfinite``, ``dropped``; per group g
+    ``forward/group_g``, ``reverse_mass/group_g`` (0 where the model has no sample) and,
+    where the model has samples, ``reverse/group_g``; not logged,
+    ``forward_stderr/group_g``, ``forward_n/group_g``, ``reverse_stderr/group_g``,
+    ``reverse_n/group_g``.
+
+    Attributes beyond the keys: ``group_kind`` (``"group"`` for the user's labels,
+    ``"cell"`` for k-means cells, ``None``), ``centroids`` (the cells' centres, or
+    ``None``) and ``details`` (the functional core's ``KNNKLResult`` or
+    ``BinnedKLResult``).
+    """
+
+    d: float = 0.0
+    k: float | None = None
+    num_cells: float | None = None
+    ndb: float | None = None
+    ties: float = 0.0
+    dropped: float = 0.0
+    group_kind: str | None = None
+    centroids: torch.Tensor | None = None
+    details: Any = None
+
+    @property
+    def estimator(self) -> str:
+        return self.forward.method_used
+
+    def group_weights(self) -> dict[int, float]:
+        # the model's share of samples; 0 where the reference has the group and the model not
+        mass = {g: est.mass or 0.0 for g, est in self.group_reverse.items()}
+        return {g: mass.get(g, 0.0) for g in self.group_forward}
+
+    def _pairs(self, logged: bool) -> _Pairs:
+        f, r = self.forward, self.reverse
+        out = [("forward", f.value), ("reverse", r.value), ("asymmetry", self.asymmetry),
+               ("forward_stderr", f.stderr), ("reverse_stderr", r.stderr),
+               ("n", f.n), ("m", r.n), ("d", self.d)]  # fmt: skip
+        out += [(key, v) for key, v in (("k", self.k), ("num_cells", self.num_cells),
+                                        ("ndb", self.ndb)) if v is not None]  # fmt: skip
+        out += [("ties", self.ties), ("nonfinite", self.nonfinite), ("dropped", self.dropped)]
+        detail, weights = not logged, self.group_weights()
+        for g in sorted(self.group_forward):
+            out += _group_pairs("forward", self.group_forward, g, detail, None)
+            out.append((f"reverse_mass/group_{g}", weights[g]))
+        for g in sorted(self.group_reverse):
+            out += _group_pairs("reverse", self.group_reverse, g, detail, None)
         return [(k, float(v)) for k, v in out]

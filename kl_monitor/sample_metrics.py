@@ -21,17 +21,23 @@ are in the metric's ``state_dict`` (key ``centroids``), so a checkpoint restores
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
-from ._utils import check_nonfinite_mode, warn_once
+from ._utils import warn_once
 from .binned import assign_cells, binned_kl_counts, fit_cells
+from .detectors import Alert
 from .knn import check_samples, group_means, knn_kl
-from .metrics import KLResult, _KLMetric
+from .metrics import _KLMetric
+from .results import DirectionEstimate, GroupEstimate, SamplesResult
+
+if TYPE_CHECKING:
+    from .inputs import KLInputs
 
 __all__ = ["BinnedKL", "KNNKL"]
 
@@ -53,16 +59,13 @@ class _SampleSetMetric(_KLMetric):
         nonfinite: str = "skip",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        for name, value, low in (("max_samples", max_samples, 2), ("num_groups", num_groups, 1),
-                                 ("num_cells", num_cells, 2)):  # fmt: skip
-            if value is None and name != "max_samples":
+        super().__init__(nonfinite, num_groups, True, **kwargs)
+        for name, value in (("max_samples", max_samples), ("num_cells", num_cells)):
+            if value is None and name == "num_cells":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int ≥ {low}, got {value!r}.")
-        check_nonfinite_mode(nonfinite)
-        self.num_groups, self.num_cells = num_groups, num_cells
-        self.max_samples, self.seed, self.nonfinite = max_samples, int(seed), nonfinite
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ValueError(f"`{name}` must be an int ≥ 2, got {value!r}.")
+        self.num_cells, self.max_samples, self.seed = num_cells, max_samples, int(seed)
         self.centroids: Tensor | None = None
         # rows flattened to 1-D (label, features...), so an empty rank gathers cleanly
         self.add_state("reference", default=[], dist_reduce_fx="cat")
@@ -73,6 +76,12 @@ class _SampleSetMetric(_KLMetric):
         self.add_state("wide", default=torch.zeros((), dtype=_F64), dist_reduce_fx="max")
 
     # ---------------------------------------------------------------- update
+    def update_from(self, inputs: KLInputs) -> Tensor:
+        """Add a ``KLInputs.from_samples`` batch; no per-sample histogram (the k-NN terms
+        need the union), so an empty tensor."""
+        self.update(inputs.reference, inputs.model, inputs.groups)
+        return torch.empty(0)
+
     def update(
         self,
         reference_samples: Tensor,
@@ -261,17 +270,11 @@ class KNNKL(_SampleSetMetric):
             raise ValueError(f"`k` must be a positive int, got {k!r}.")
         self.k = k
 
-    def compute(self) -> KLResult:
+    def compute(self) -> SamplesResult:
         """Both directions over the gathered samples, with per-group (or per-cell) terms."""
         x, labels, y = self._union()
         dtype = _F64 if float(self.wide) else torch.float32
         r = knn_kl(x, y, k=self.k, dtype=dtype)
-        values: dict[str, float] = {
-            "forward": r.forward, "reverse": r.reverse,
-            "forward_stderr": r.forward_stderr, "reverse_stderr": r.reverse_stderr,
-            "asymmetry": r.forward - r.reverse, "n": r.n, "m": r.m, "d": r.d, "k": r.k,
-            "ties": r.ties, "nonfinite": r.nonfinite, **self._counters(),
-        }
         kind, n_groups, model_labels = None, 0, None
         if self.num_groups is not None:
             kind, n_groups = "group", self.num_groups
@@ -279,14 +282,21 @@ class KNNKL(_SampleSetMetric):
             model_labels = torch.where(near >= 0, labels[near.clamp(min=0)], -1)
         elif self.num_cells is not None:
             kind, n_groups = "cell", self.num_cells
-            labels, model_labels = _cell_labels(x, self._cells(x)), _cell_labels(y, self._cells(x))
+            cells = self._cells(x)
+            labels, model_labels = _cell_labels(x, cells), _cell_labels(y, cells)
+        fwd_g: dict[int, GroupEstimate] = {}
+        rev_g: dict[int, GroupEstimate] = {}
         if kind is not None:
-            f_g, n_g = group_means(r.forward_terms, r.forward_valid, labels, n_groups)
-            r_g, m_g = group_means(r.reverse_terms, r.reverse_valid, model_labels, n_groups)
-            mass = _shares(model_labels, n_groups)
-            _group_values(values, f_g, n_g, r_g, m_g, mass)
-        return self._result(
-            values, estimator="knn", group_kind=kind, centroids=self.centroids, details=r
+            f = group_means(r.forward_terms, r.forward_valid, labels, n_groups)
+            b = group_means(r.reverse_terms, r.reverse_valid, model_labels, n_groups)
+            fwd_g, rev_g = _groups(f, b, _shares(model_labels, n_groups))
+        return SamplesResult(
+            forward=DirectionEstimate(r.forward, r.forward_stderr, float(r.n), "knn"),
+            reverse=DirectionEstimate(r.reverse, r.reverse_stderr, float(r.m), "knn"),
+            nonfinite=float(r.nonfinite), group_forward=fwd_g, group_reverse=rev_g,
+            device=self.device, d=float(r.d), k=float(r.k), ties=float(r.ties),
+            dropped=float(self.dropped), group_kind=kind,
+            centroids=self.centroids if kind == "cell" else None, details=r,
         )
 
 
@@ -347,7 +357,7 @@ class BinnedKL(_SampleSetMetric):
         binned_kl_counts(torch.ones(2), torch.ones(2), smoothing=smoothing, alpha=alpha)
         self.smoothing, self.alpha = float(smoothing), float(alpha)
 
-    def compute(self) -> KLResult:
+    def compute(self) -> SamplesResult:
         """Both directions between the cell histograms of the gathered samples."""
         x, _, y = self._union()
         cells = self._cells(x)
@@ -356,18 +366,19 @@ class BinnedKL(_SampleSetMetric):
         nc = torch.bincount(lx[lx >= 0], minlength=k)
         mc = torch.bincount(ly[ly >= 0], minlength=k)
         r = binned_kl_counts(nc, mc, smoothing=self.smoothing, alpha=self.alpha)
-        values: dict[str, float] = {
-            "forward": r.forward, "reverse": r.reverse,
-            "forward_stderr": r.forward_stderr, "reverse_stderr": r.reverse_stderr,
-            "asymmetry": r.forward - r.reverse, "n": r.n, "m": r.m, "num_cells": k,
-            "ndb": r.ndb, "nonfinite": int((lx < 0).sum() + (ly < 0).sum()),
-            **self._counters(),
-        }
-        mass = r.model_counts / max(r.m, 1)
-        _group_values(values, r.cell_log_ratio, r.reference_counts, -r.cell_log_ratio,
-                      r.model_counts, mass)  # fmt: skip
-        return self._result(
-            values, estimator="binned", group_kind="cell", centroids=self.centroids, details=r
+        p, q = r.reference_probs, r.model_probs
+        # delta method: Var log p̂_c ≈ (1 − p)/(n p), Var log q̂_c ≈ (1 − q)/(m q)
+        se = ((1 - p) / (r.n * p) + (1 - q) / (r.m * q)).sqrt()
+        f = (r.cell_log_ratio, r.reference_counts, se)
+        b = (-r.cell_log_ratio, r.model_counts, se)
+        fwd_g, rev_g = _groups(f, b, r.model_counts / max(r.m, 1))
+        return SamplesResult(
+            forward=DirectionEstimate(r.forward, r.forward_stderr, float(r.n), "binned"),
+            reverse=DirectionEstimate(r.reverse, r.reverse_stderr, float(r.m), "binned"),
+            nonfinite=float((lx < 0).sum() + (ly < 0).sum()), group_forward=fwd_g,
+            group_reverse=rev_g, device=self.device, d=float(x.shape[1]),
+            num_cells=float(k), ndb=float(r.ndb), dropped=float(self.dropped),
+            group_kind="cell", centroids=self.centroids, details=r,
         )
 
 
@@ -384,18 +395,61 @@ def _shares(labels: Tensor, n_groups: int) -> Tensor:
     return torch.bincount(lab, minlength=n_groups).to(_F64) / max(labels.numel(), 1)
 
 
-def _group_values(
-    values: dict[str, float], fwd: Tensor, n: Tensor, rev: Tensor, m: Tensor, mass: Tensor
-) -> None:
-    """Per-group keys; a group without reference rows is left out, without model rows
-    it has no reverse value (its model mass, 0, is kept: that is the evidence)."""
-    for g, (f, ng, r, mg, w) in enumerate(
-        zip(fwd.tolist(), n.tolist(), rev.tolist(), m.tolist(), mass.tolist(), strict=True)
-    ):
-        if ng <= 0:
-            continue
-        values[f"forward/group_{g}"] = f
-        values[f"forward_n/group_{g}"] = ng
-        values[f"reverse_mass/group_{g}"] = w
-        if mg > 0:
-            values[f"reverse/group_{g}"] = r
+def _groups(
+    fwd: tuple[Tensor, Tensor, Tensor], rev: tuple[Tensor, Tensor, Tensor], mass: Tensor
+) -> tuple[dict[int, GroupEstimate], dict[int, GroupEstimate]]:
+    """Per-group estimates from (mean, count, stderr) per direction and the model's share.
+
+    A group without reference rows is left out; without model rows it has no reverse
+    estimate, and its model mass, 0, is the evidence of a dropped mode.
+    """
+    f_mean, f_n, f_se = (t.tolist() for t in fwd)
+    r_mean, r_n, r_se = (t.tolist() for t in rev)
+    shares = mass.tolist()
+    out_f, out_r = {}, {}
+    for g in range(len(f_mean)):
+        if f_n[g] > 0:
+            out_f[g] = GroupEstimate(f_mean[g], f_se[g], f_n[g])
+        if r_n[g] > 0:
+            out_r[g] = GroupEstimate(r_mean[g], r_se[g], r_n[g], mass=shares[g])
+    return out_f, out_r
+
+
+def check_monitor_config(sample_estimator: object, num_cells: object, max_samples: object) -> None:
+    """The monitor's options for sample inputs, checked when it is created."""
+    if sample_estimator not in ("knn", "binned"):
+        raise ValueError(
+            f"`sample_estimator` must be 'knn' or 'binned', got {sample_estimator!r}."
+        )
+    for name, value in (("num_cells", num_cells), ("max_samples", max_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"`{name}` must be an int ≥ 2, got {value!r}.")
+
+
+def cells_of(metric: object) -> list | None:
+    """The metric's cell centres as nested lists (for the checkpoint), or None."""
+    cells = getattr(metric, "centroids", None)
+    return None if cells is None else cells.detach().cpu().tolist()
+
+
+def cells_as_groups(result: object) -> Tensor | None:
+    """The centres when the result's groups are cells, else None."""
+    if isinstance(result, SamplesResult) and result.group_kind == "cell":
+        return result.centroids
+    return None
+
+
+def with_cells(alert: Alert, centroids: Tensor) -> Alert:
+    """The alert with each named cell's lost mass and centre (cells are groups here)."""
+    if not alert.groups:
+        return alert
+    ratio = alert.details.get("group_mass_ratio", {})
+    where = []
+    for g in alert.groups:
+        centre = centroids[g].tolist()
+        coords = ", ".join(f"{v:.2f}" for v in centre[:4]) + (", …" if len(centre) > 4 else "")
+        lost = f" lost {1 - ratio[g]:.0%} of its mass," if g in ratio else ""
+        where.append(f"cell {g}{lost} centre ({coords})")
+    details = {**alert.details, "cell_centroids": {g: centroids[g].tolist() for g in alert.groups}}
+    message = alert.message + "; groups are k-means cells of the reference: " + "; ".join(where)
+    return dataclasses.replace(alert, message=message, details=details)

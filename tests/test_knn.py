@@ -133,7 +133,7 @@ def test_mode_dropping_reverse_near_log_8_over_5_and_groups_name_the_dropped_mod
     out = knn_kl(x, y)
     assert abs(out.reverse - math.log(8 / 5)) < 3 * out.reverse_stderr + 0.03
     assert out.forward > 2.0  # D(P‖Q) is infinite: no model sample near 3 modes
-    fwd_g, n_g = group_means(out.forward_terms, out.forward_valid, lab, MODES)
+    fwd_g, n_g, _ = group_means(out.forward_terms, out.forward_valid, lab, MODES)
     assert {g for g in range(MODES) if fwd_g[g] > 2.0} == DROPPED
     assert all(fwd_g[g] < 0.5 for g in KEPT)
     # the model's mass per mode, from each model sample's nearest reference sample
