@@ -115,7 +115,7 @@ class _KLMonitorLogic:
         _check_config(every_n_train_steps, overhead_budget, max_batches, method, reduction,
                       prefix, rules, inputs_fn, on_alert, stop_on)  # fmt: skip
         compat.check_val_loader(val_loader)
-        sample_metrics.check_monitor_config(sample_estimator, num_cells, max_samples)
+        sample_metrics.check_monitor_config(sample_estimator, num_cells, max_samples, num_groups)
         self.every_n_train_steps = every_n_train_steps
         self.overhead_budget = float(overhead_budget)
         self.max_batches = max_batches

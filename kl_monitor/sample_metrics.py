@@ -415,11 +415,18 @@ def _groups(
     return out_f, out_r
 
 
-def check_monitor_config(sample_estimator: object, num_cells: object, max_samples: object) -> None:
+def check_monitor_config(
+    sample_estimator: object, num_cells: object, max_samples: object, num_groups: object
+) -> None:
     """The monitor's options for sample inputs, checked when it is created."""
     if sample_estimator not in ("knn", "binned"):
         raise ValueError(
             f"`sample_estimator` must be 'knn' or 'binned', got {sample_estimator!r}."
+        )
+    if sample_estimator == "binned" and num_groups is not None:
+        raise ValueError(
+            "sample_estimator='binned' uses its cells as groups; drop `num_groups` "
+            "(and `groups=`) or use sample_estimator='knn'."
         )
     for name, value in (("num_cells", num_cells), ("max_samples", max_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:

@@ -55,8 +55,8 @@ def _fit(monitor: KLMonitor, steps: int = 100) -> pl.Trainer:
     return trainer
 
 
-def _held_out() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
+def _held_out(seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
     lab = torch.randint(MODES, (2048,), generator=g)
     x = _means()[lab] + 0.25 * torch.randn(2048, 2, generator=g)
     return DataLoader(TensorDataset(x), batch_size=1024)
@@ -87,10 +87,15 @@ def test_cells_survive_a_checkpoint():
     monitor = KLMonitor(_held_out(), every_n_train_steps=10, max_batches=2)
     _fit(monitor, steps=20)
     state = monitor.state_dict()
-    resumed = KLMonitor(_held_out(), every_n_train_steps=10, max_batches=2)
+    assert len(state["cells"]) == 16
+    # resumed on other held-out samples: cells fitted on them would differ
+    resumed = KLMonitor(_held_out(seed=1), every_n_train_steps=10, max_batches=2)
     resumed.load_state_dict(state)
-    metric = resumed._sample_metric()
-    assert torch.equal(metric.centroids, torch.tensor(state["cells"], dtype=torch.float64))
+    _fit(resumed, steps=30)
+    assert resumed.evaluator.metric.centroids.tolist() == state["cells"]
+    fresh = KLMonitor(_held_out(seed=1), every_n_train_steps=10, max_batches=2)
+    _fit(fresh, steps=10)
+    assert fresh.evaluator.metric.centroids.tolist() != state["cells"]
 
 
 def test_configuration_errors():
@@ -99,7 +104,7 @@ def test_configuration_errors():
     with pytest.raises(ValueError, match="num_cells"):
         KLMonitor(num_cells=1)
     with pytest.raises(ValueError, match="groups"):
-        KLMonitor(sample_estimator="binned", num_groups=8)._sample_metric()
+        KLMonitor(sample_estimator="binned", num_groups=8)
     with pytest.raises(ValueError, match="d = 3"):
         KLInputs.from_samples(torch.randn(10, 2), torch.randn(10, 3))
     with pytest.raises(TypeError, match="floating"):
