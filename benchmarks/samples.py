@@ -69,9 +69,10 @@ def speed(n: int, d: int, repeats: int, device: torch.device) -> list[list[str]]
         m_cdist = cuda_peak_extra(lambda: torch.cdist(x, y), device)
         m_knn = cuda_peak_extra(lambda: knn_kl(x, y), device)
     else:
+        # median of 3: the allocator's retained pages make single readings noisy
         host = HostMemory()
-        m_cdist = host.measure(lambda: torch.cdist(x, y))
-        m_knn = host.measure(lambda: knn_kl(x, y))
+        m_cdist = statistics.median(host.measure(lambda: torch.cdist(x, y)) for _ in range(3))
+        m_knn = statistics.median(host.measure(lambda: knn_kl(x, y)) for _ in range(3))
     t_cdist = median_time(lambda: torch.cdist(x, y), repeats, sync)
     t_knn = median_time(lambda: knn_kl(x, y), repeats, sync)
     return [
