@@ -276,29 +276,9 @@ def knn_kl(
         >>> abs(out.forward - 0.5) < 3 * out.forward_stderr, (out.n, out.m, out.d, out.k)
         (True, (2000, 2000, 2, 5))
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}.")
-    if chunk_rows is not None and (
-        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
-    ):
-        raise ValueError(f"`chunk_rows` must be a positive int or None, got {chunk_rows!r}.")
-    check_nonfinite_mode(nonfinite)
-    x = check_samples("reference_samples", reference_samples)
-    y = check_samples("model_samples", model_samples, d=x.shape[1])
-    if y.device != x.device:
-        raise ValueError(
-            f"`reference_samples` is on {x.device} and `model_samples` on {y.device}; "
-            "expected one device."
-        )
-    keep_x = _finite_rows("reference_samples", x, nonfinite)
-    keep_y = _finite_rows("model_samples", y, nonfinite)
-    for name, kept, total in (("reference_samples", keep_x, x), ("model_samples", keep_y, y)):
-        if kept.numel() < k + 2:
-            raise ValueError(
-                f"`{name}` has {kept.numel()} finite samples of {total.shape[0]}; k-NN KL "
-                f"with k={k} needs at least k + 2 = {k + 2} (k neighbours, one more for "
-                "the jackknife)."
-            )
+    x, y, keep_x, keep_y = _validated(
+        reference_samples, model_samples, k, nonfinite, chunk_rows
+    )
     dtype = dtype or compute_dtype(x)
     centre = x.detach()[keep_x].to(torch.float64).mean(0)
     xs = (x.detach()[keep_x].to(torch.float64) - centre).to(dtype)
@@ -338,6 +318,37 @@ def knn_kl(
         ties=ties,
         nonfinite=int(x.shape[0] - n + y.shape[0] - m),
     )
+
+
+def _validated(
+    reference_samples: object, model_samples: object, k: object, nonfinite: str,
+    chunk_rows: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``knn_kl``'s checks; returns both sets and the indices of their finite rows."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    ):
+        raise ValueError(f"`chunk_rows` must be a positive int or None, got {chunk_rows!r}.")
+    check_nonfinite_mode(nonfinite)
+    x = check_samples("reference_samples", reference_samples)
+    y = check_samples("model_samples", model_samples, d=x.shape[1])
+    if y.device != x.device:
+        raise ValueError(
+            f"`reference_samples` is on {x.device} and `model_samples` on {y.device}; "
+            "expected one device."
+        )
+    keep_x = _finite_rows("reference_samples", x, nonfinite)
+    keep_y = _finite_rows("model_samples", y, nonfinite)
+    for name, kept, total in (("reference_samples", keep_x, x), ("model_samples", keep_y, y)):
+        if kept.numel() < k + 2:
+            raise ValueError(
+                f"`{name}` has {kept.numel()} finite samples of {total.shape[0]}; k-NN KL "
+                f"with k={k} needs at least k + 2 = {k + 2} (k neighbours, one more for "
+                "the jackknife)."
+            )
+    return x, y, keep_x, keep_y
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, total: int, fill: object) -> torch.Tensor:
