@@ -368,6 +368,10 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
     - for sampled inputs, ``/forward_c``, ``/forward_variance_reduction`` and the same
       for reverse, plus ``/reverse_ess`` when reverse is importance-weighted;
     - ``/entropy_model`` and ``/entropy_reference`` for logits;
+    - for sample-only inputs (``KLInputs.from_samples``), ``/n``, ``/m``, ``/d``, ``/k``
+      (k-NN) or ``/num_cells`` and ``/ndb`` (binned), ``/ties``, ``/dropped``, and per
+      group (your labels, or k-means cells of the reference, whose centres go once to
+      the ``<prefix>/cells`` text) ``/reverse_mass/group_<g>``;
     - ``/forward/group_<g>``, ``/reverse/group_<g>`` and ``/mass/group_<g>`` with groups;
     - ``/alert/<kind>`` (0 or 1) and ``/failures``.
 
