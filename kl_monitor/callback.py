@@ -236,7 +236,7 @@ class _KLMonitorLogic:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "version": _STATE_VERSION,
             **self.cadence.state_dict(),
             "failures": self.failures,
@@ -248,6 +248,12 @@ class _KLMonitorLogic:
             # monitor of samples, or one written by 0.1.0) round-trips unchanged
             **({"leak_rule": self.leak_rule.state_dict()} if self.leak_rule.n_values else {}),
         }
+        # the cells of sample-only inputs: an optional key, so other states keep the
+        # exact form of version 1
+        cells = sample_metrics.cells_of(self.evaluator.metric)
+        if cells is not None:
+            state["cells"] = cells
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version")
