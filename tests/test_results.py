@@ -185,10 +185,15 @@ def test_every_input_kind_has_a_metric():
     from kl_monitor.evaluator import METRIC_FOR_KIND, MetricConfig
 
     assert set(METRIC_FOR_KIND) == set(INPUT_KINDS)
+    g = torch.Generator().manual_seed(0)
     inputs = {"logits": KLInputs.from_logits(*_logits()[:2]),
-              "log_probs": KLInputs.from_log_probs(torch.zeros(5), torch.zeros(5))}  # fmt: skip
+              "log_probs": KLInputs.from_log_probs(torch.zeros(5), torch.zeros(5)),
+              "samples": KLInputs.from_samples(torch.randn(64, 2, generator=g),
+                                               torch.randn(64, 2, generator=g) + 2.0)}  # fmt: skip
     for kind in INPUT_KINDS:
         assert inputs[kind].kind == kind
         metric = METRIC_FOR_KIND[kind](MetricConfig())
         values = metric.update_from(inputs[kind])  # the histogram's values, from the same pass
-        assert values.numel() > 0 and float(metric.compute()["forward"]) >= 0
+        # sample-only inputs have no per-sample value before the union: no histogram
+        assert (values.numel() > 0) != (kind == "samples")
+        assert float(metric.compute()["forward"]) >= 0
