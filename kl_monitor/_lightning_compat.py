@@ -228,7 +228,7 @@ def log_line(trainer: Any, prefix: str, held: HeldOut | None, cadence: Any) -> N
         return
     namespace = type(trainer).__module__.split(".trainer")[0]
     batches = "batch" if held.limit == 1 else "batches"
-    limit = held.note or f"{held.limit} {batches} per evaluation"
+    limit = held.note or f"at most {held.limit} {batches} per evaluation and rank"
     every = cadence.every_n_train_steps
     schedule = (
         f"every {every} steps"

@@ -41,7 +41,6 @@ from .sequences import valid_direction
 from .stats import _COLUMNS, LU, METHODS, NONFINITE, SUPPORT, TOP_K, WW, WWL, WWLL, KLStats, U
 from .stats import L as _L
 from .stats import N as _N
-from .support import support_rows
 
 if TYPE_CHECKING:
     from .inputs import KLInputs
@@ -180,6 +179,32 @@ class _KLMetric(Metric):
         self.nonfinite = nonfinite
         self.num_groups = _check_num_groups(num_groups)
         self.validate_args = validate_args
+        self.update_from = self._counted(self.update_from)
+
+    def _counted(self, update_from: Callable[[KLInputs], Tensor]) -> Callable:
+        """``update_from`` with torchmetrics' own update bookkeeping.
+
+        torchmetrics wraps ``update`` to drop a cached ``compute`` and count updates;
+        ``update_from`` bypasses ``update`` (its inputs are validated once, in
+        ``KLInputs``), so without this every ``compute`` warned that it came before any
+        update, and a cached result could outlive new data.
+        """
+
+        def wrapped(inputs: KLInputs) -> Tensor:
+            self._computed = None
+            self._update_count += 1
+            return update_from(inputs)
+
+        return wrapped
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("update_from", None)  # a closure: rebuilt on unpickling, like ``update``
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.update_from = self._counted(self.update_from)
 
     def update_from(self, inputs: KLInputs) -> Tensor:
         """Add one batch of ``KLInputs`` (validated when built: not checked again).
@@ -632,11 +657,14 @@ class CategoricalKL(_KLMetric):
                 "reduction='sequence_sum' sums over the sequence axis and needs logits of "
                 f"shape (batch, seq, K), got {tuple(logits_p.shape)}."
             )
-        fwd, rev, hp, hq, valid = categorical_kl_rows(logits_p, logits_q)
+        out = categorical_kl_rows(logits_p, logits_q, support=True)
+        valid = out.valid
         counted = torch.ones_like(valid) if mask is None else mask.to(valid.device)
         labels = self._labels(groups, lead, counted)
         keep, n_bad = kept_rows(valid, counted, self.nonfinite)
-        rows = (fwd, rev, hp, hq, *support_rows(logits_p, logits_q, fwd, rev))
+        rows = (out.forward, out.reverse, out.entropy_reference, out.entropy_model,
+                out.forward_shared, out.reverse_shared,
+                out.reference_mass_outside, out.model_mass_outside)
         feats, totals, unit, hist = self._unit_features(rows, keep, n_bad)
         source = _SOURCES["model"] if sampled_from == "model" else 0
         totals[_C["labelled"]] = float(sampled_from is not None)

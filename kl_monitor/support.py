@@ -11,85 +11,20 @@ S = supp P ∩ supp Q and P̃, Q̃ the two distributions restricted to S and ren
   (what makes the forward KL infinite);
 - ``model_mass_outside`` = Q(supp Q \\ S): the model's mass the reference forbids
   (the leaked mass; what makes the reverse KL infinite).
+
+The per-row figures come from the kernel, ``categorical_kl_rows(..., support=True)``;
+this module watches the leaked mass over evaluations.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
-
-import torch
+from typing import Any
 
 from .detectors import Alert, CusumDetector
 
-__all__ = ["SupportRows", "support_rows", "LeakedMassRule", "LEAK_MIN_EFFECT"]
-
-
-class SupportRows(NamedTuple):
-    """Per-row support-mismatch companions (see the module docstring)."""
-
-    forward_shared: torch.Tensor
-    reverse_shared: torch.Tensor
-    reference_mass_outside: torch.Tensor
-    model_mass_outside: torch.Tensor
-
-
-def support_rows(
-    logits_p: torch.Tensor,
-    logits_q: torch.Tensor,
-    forward: torch.Tensor,
-    reverse: torch.Tensor,
-) -> SupportRows:
-    """Shared-support KLs and masses outside the other's support, per row.
-
-    ``forward``/``reverse`` are the rows' exact KLs (from ``categorical_kl_rows``): rows
-    where both are finite have matching supports up to classes of probability 0 on
-    both sides, so their companions are the KLs themselves and zero masses; only the
-    others (a support violation) are recomputed, restricted to S.
-
-    Args:
-        logits_p: ``(..., K)`` reference logits.
-        logits_q: ``(..., K)`` model logits.
-        forward: ``(...)`` D(P‖Q) per row.
-        reverse: ``(...)`` D(Q‖P) per row.
-
-    Returns:
-        ``SupportRows`` of ``(...)`` tensors in ``forward``'s dtype.
-
-    Examples:
-        >>> lp = torch.tensor([[0.0, 0.0, -math.inf]])
-        >>> lq = torch.tensor([[0.0, 0.0, 0.0]])
-        >>> rows = support_rows(lp, lq, torch.tensor([0.4055]), torch.tensor([math.inf]))
-        >>> float(rows.reverse_shared[0]), round(float(rows.model_mass_outside[0]), 4)
-        (0.0, 0.3333)
-    """
-    lead = forward.shape
-    fwd_s, rev_s = forward.reshape(-1).clone(), reverse.reshape(-1).clone()
-    p_out, q_out = torch.zeros_like(fwd_s), torch.zeros_like(fwd_s)
-    bad = torch.isinf(fwd_s) | torch.isinf(rev_s)
-    if not bool(bad.any()):
-        return SupportRows(*(t.reshape(lead) for t in (fwd_s, rev_s, p_out, q_out)))
-    k = logits_p.shape[-1]
-    idx = bad.nonzero().flatten()
-    x = logits_p.detach().reshape(-1, k)[idx].to(forward.dtype)
-    y = logits_q.detach().reshape(-1, k)[idx].to(forward.dtype)
-    shared = torch.isfinite(x) & torch.isfinite(y)
-    lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
-    p_in = torch.where(shared, lp.exp(), 0.0).sum(-1)
-    q_in = torch.where(shared, lq.exp(), 0.0).sum(-1)
-    neg_inf = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
-    ls_p = torch.log_softmax(torch.where(shared, x, neg_inf), -1)
-    ls_q = torch.log_softmax(torch.where(shared, y, neg_inf), -1)
-    d = torch.where(shared, ls_p - ls_q, 0.0)
-    f = torch.where(shared, ls_p.exp() * d, 0.0).sum(-1).clamp_(min=0.0)
-    r = torch.where(shared, -ls_q.exp() * d, 0.0).sum(-1).clamp_(min=0.0)
-    empty = ~shared.any(-1)  # no class both can emit: nothing to compare
-    fwd_s[idx] = f.masked_fill(empty, math.inf)
-    rev_s[idx] = r.masked_fill(empty, math.inf)
-    p_out[idx] = (1 - p_in).clamp(min=0.0)
-    q_out[idx] = (1 - q_in).clamp(min=0.0)
-    return SupportRows(*(t.reshape(lead) for t in (fwd_s, rev_s, p_out, q_out)))
+__all__ = ["LeakedMassRule", "LEAK_MIN_EFFECT"]
 
 
 #: Smallest rise of the model's leaked mass (probability per row) that may alert.

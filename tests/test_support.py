@@ -10,7 +10,6 @@ import scipy.stats
 import torch
 
 from kl_monitor import categorical_kl_rows
-from kl_monitor.support import support_rows
 
 
 def _reference(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
@@ -34,12 +33,14 @@ def test_support_rows_match_numpy():
     x[0, 0] = 0.0
     y[0, 0] = -math.inf  # no shared class at all
     x[1], y[1] = x[2], x[2]  # identical rows with a -inf: nothing outside
-    fwd, rev, _, _, valid = categorical_kl_rows(x, y)
-    assert valid.all()
-    rows = support_rows(x, y, fwd, rev)
+    out = categorical_kl_rows(x, y, support=True)
+    fwd, rev = out.forward, out.reverse
+    assert out.valid.all()
+    rows = out
     for i in range(64):
         want = _reference(x[i].numpy(), y[i].numpy())
-        got = [float(t[i]) for t in rows]
+        got = [float(t[i]) for t in (rows.forward_shared, rows.reverse_shared,
+                                     rows.reference_mass_outside, rows.model_mass_outside)]
         assert got == pytest.approx(want, abs=1e-10), i
     plain = ~(torch.isinf(fwd) | torch.isinf(rev))
     assert torch.equal(rows.forward_shared[plain], fwd[plain])
@@ -50,8 +51,8 @@ def test_support_rows_match_numpy():
 def test_support_rows_keep_shape():
     x = torch.zeros(2, 3, 4)
     x[0, 1, 3] = -math.inf
-    fwd, rev, *_ = categorical_kl_rows(x, torch.zeros(2, 3, 4))
-    rows = support_rows(x, torch.zeros(2, 3, 4), fwd, rev)
+    rows = categorical_kl_rows(x, torch.zeros(2, 3, 4), support=True)
+    rev = rows.reverse
     assert all(t.shape == (2, 3) for t in rows)
     assert float(rows.model_mass_outside[0, 1]) == pytest.approx(0.25)
     assert float(rows.reverse_shared[0, 1]) == 0.0 and rev[0, 1] == math.inf
