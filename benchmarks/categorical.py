@@ -304,11 +304,11 @@ def print_time_table(results: list[dict], extra: list[str]) -> None:
     for res in results:
         for cond, m in res["med"].items():
             cells = [res["dtype"], f"{res['classes']:,}", f"{res['rows']:,}", res["load"], cond,
-                     f"{m['pair']:.3f}", f"{m['ours']:.3f}", f"{m['ours'] / m['pair']:.3f}",
-                     f"{m['floor']:.3f}", f"{m['ours'] / m['floor']:.2f}"]
+                     f"{m['pair']:.4g}", f"{m['ours']:.4g}", f"{m['ours'] / m['pair']:.3f}",
+                     f"{m['floor']:.4g}", f"{m['ours'] / m['floor']:.2f}"]
             for name in extra:
                 got = m.get(name)
-                cells += ["–", "–"] if got is None else [f"{got:.3f}", f"{got / m['pair']:.3f}"]
+                cells += ["–", "–"] if got is None else [f"{got:.4g}", f"{got / m['pair']:.3f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 
