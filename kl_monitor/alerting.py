@@ -277,8 +277,8 @@ class GroupFinding:
     weak_forward: bool = False
     weak_reverse: bool = False
     weak_mass: bool = False
-    #: forward contribution at or below its baseline, reverse (less its mass part)
-    #: too, and no mass lost against the capped baseline
+    #: both contributions (less their mass parts) at or below their baselines, and
+    #: no mass lost against the capped baseline
     improving: bool = False
     #: p_g·log(baseline mass / mass now) when the loss is significant at half the bar:
     #: the forward rise that mass leaving the group explains
@@ -429,7 +429,7 @@ def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> 
         z=max(zs, default=0.0),
         weak_forward=f is not None and not dropped and f_z >= half and f_rise >= 0.5 * f_need,
         weak_reverse=r is not None and r_z >= half and r_rise >= 0.5 * r_need,
-        improving=(f is None or f.z <= 0)
+        improving=(f is None or f_z <= 0)
         and (r is None or r_z <= 0)
         and (ratio is None or ratio >= 1.0)
         and not support,
@@ -495,10 +495,12 @@ def classify(a: Assessment, ev: Evidence) -> tuple[str, str, tuple[int, ...]]:
     gs = list(a.groups)
     d_f = ev.forward.rise if ev.forward is not None and math.isfinite(ev.forward.rise) else 0.0
     d_r = ev.reverse.rise if ev.reverse is not None and math.isfinite(ev.reverse.rise) else 0.0
-    g_f = sum(max(g.forward_rise, 0.0) for g in gs if g.forward or g.reverse)
-    g_r = sum(max(g.reverse_rise, 0.0) for g in gs if g.forward or g.reverse)
-    if not (a.forward or a.reverse):
-        d_f, d_r = g_f, g_r
+    # Which direction rose more: within the groups that show it (their rises less
+    # the mass parts, so a mass wobble elsewhere does not tip it), else globally.
+    showing = [g for g in gs if g.forward or g.reverse or g.weak_forward or g.weak_reverse]
+    if showing:
+        d_f = sum(max(g.forward_rise, 0.0) for g in showing)
+        d_r = sum(max(g.reverse_rise, 0.0) for g in showing)
     lost = sum(g.mass_rise for g in gs)
     if any(g.mass for g in gs) or (lost > 0 and lost >= 0.5 * max(d_f, d_r)):
         # Groups losing mass that explains at least half of the rise: modes being
