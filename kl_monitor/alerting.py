@@ -604,7 +604,10 @@ def _num(x: float) -> float:
     return x if math.isfinite(x) else math.copysign(1e300, x) if not math.isnan(x) else x
 
 
-def _details(a: Assessment, ev: Evidence, signature: str, episode: int, update: bool) -> dict:
+def _details(
+    a: Assessment, ev: Evidence, signature: str, groups: tuple[int, ...], episode: int,
+    update: bool,
+) -> dict:  # fmt: skip
     def series(c: Change | None) -> dict | None:
         if c is None:
             return None
@@ -615,6 +618,7 @@ def _details(a: Assessment, ev: Evidence, signature: str, episode: int, update: 
         "episode": episode,
         "update": update,
         "z_critical": a.z_star,
+        "groups_losing_mass": list(groups) if signature == "mode_dropping" else [],
         "forward": series(ev.forward),
         "reverse": series(ev.reverse),
         "groups": {
@@ -693,7 +697,7 @@ class AlertEngine:
                     message = f"update of alert {self.episode}: " + message
                 alerts.append(
                     Alert(kind, a.step, min(stat, 1e6), groups, message,
-                          _details(a, ev, signature, self.episode, update))  # fmt: skip
+                          _details(a, ev, signature, groups, self.episode, update))  # fmt: skip
                 )
         elif self.open:
             self._calm += 1

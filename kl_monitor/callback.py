@@ -7,7 +7,9 @@ held-out batch to a logged scalar and an alert:
 
 1. ``Evaluator.accumulate``: ``kl_inputs(batch)`` -> ``KLInputs`` -> ``metric.update_from``;
 2. ``Evaluator.compute``: ``metric.compute()`` -> a typed result (one host transfer);
-3. ``Evaluation.from_result`` -> ``AlertRules.update`` -> ``Alert`` objects;
+3. ``PairedRows.evidence`` (each series' change against its baseline rows, paired
+   row by row) -> ``AlertEngine.update`` -> ``Alert`` objects (or, with legacy
+   ``rules=AlertRules(...)``, ``Evaluation.from_result`` -> ``AlertRules.update``);
 4. ``actions.evaluation_scalars`` (``tensorboard.scalars``) -> ``logger.log_metrics``;
 5. ``tensorboard.write_extras``: the alert as text and as a JSON record;
 6. ``actions.act_on_alerts``: warning, ``on_alert``, ``should_stop``.
@@ -31,10 +33,12 @@ from . import actions, sample_metrics
 from . import tensorboard as tb
 from ._utils import warn_once
 from .actions import KLAlertWarning, KLMonitorWarning
+from .alerting import AlertEngine, AlertThresholds
 from .cadence import Cadence
 from .detectors import ALERT_KINDS, Alert, AlertRules, Evaluation
 from .evaluator import Evaluator, MetricConfig
 from .inputs import KLInputs
+from .pairing import PairedRows
 from .results import KLResult
 from .stats import METHODS
 from .support import LeakedMassRule
@@ -78,8 +82,11 @@ def _check_config(
     unknown = sorted(set(stop_on) - set(ALERT_KINDS))
     if unknown:
         raise ValueError(f"`stop_on` has unknown alert kinds {unknown}; expected {ALERT_KINDS}.")
-    if rules is not None and not isinstance(rules, AlertRules):
-        raise TypeError(f"`rules` must be an AlertRules, got {type(rules).__name__}.")
+    if rules is not None and not isinstance(rules, (AlertThresholds, AlertEngine, AlertRules)):
+        raise TypeError(
+            "`rules` must be an AlertThresholds (or an AlertEngine; AlertRules for the "
+            f"legacy level detectors), got {type(rules).__name__}."
+        )
     for name, fn in (("inputs_fn", inputs_fn), ("on_alert", on_alert)):
         if fn is not None and not callable(fn):
             raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
@@ -101,7 +108,7 @@ class _KLMonitorLogic:
         reduction: str = "token_mean",
         num_groups: int | None = None,
         prefix: str = "kl",
-        rules: AlertRules | None = None,
+        rules: AlertThresholds | AlertEngine | AlertRules | None = None,
         on_alert: Callable[[Alert], None] | None = None,
         stop_on: Sequence[str] = (),
         log_histograms: bool = True,
@@ -121,9 +128,15 @@ class _KLMonitorLogic:
         self.max_batches = max_batches
         self.method, self.reduction, self.num_groups = method, reduction, num_groups
         self.prefix = prefix
-        self.rules = rules if rules is not None else AlertRules()
+        if isinstance(rules, AlertThresholds) or rules is None:
+            rules = AlertEngine(rules)
+        #: the alert logic: an ``AlertEngine`` on paired evidence (default), or the
+        #: legacy ``AlertRules`` when given one (or resumed from a 0.1.0 checkpoint)
+        self.rules: AlertEngine | AlertRules = rules
         # the model's mass outside the reference's support (logits), its own series
-        self.leak_rule = LeakedMassRule(k=self.rules.k, h=self.rules.h, warmup=self.rules.warmup)
+        # (a level CUSUM with the legacy rules' settings when given them)
+        legacy = rules if isinstance(rules, AlertRules) else AlertRules()
+        self.leak_rule = LeakedMassRule(k=legacy.k, h=legacy.h, warmup=legacy.warmup)
         self.on_alert = on_alert
         self.stop_on = stop_on
         self.prog_bar = prog_bar
@@ -132,6 +145,8 @@ class _KLMonitorLogic:
         config = MetricConfig(method, reduction, num_groups, sample_estimator, num_cells,
                               max_samples, seed)  # fmt: skip
         self.evaluator = Evaluator(dataloader, inputs_fn, config, log_histograms, val_loader)
+        self.evaluator.pairing = PairedRows() if isinstance(rules, AlertEngine) else None
+        self._fresh_rules_type = type(self.rules)
         self._fresh_rules = copy.deepcopy(self.rules.state_dict())
         self._reset_run()
         self._layout_written = False
@@ -146,7 +161,11 @@ class _KLMonitorLogic:
         #: the scalars logged at the last evaluation, and its typed result
         self.last_result: dict[str, float] = {}
         self.last_evaluation: KLResult | None = None
+        if not isinstance(self.rules, self._fresh_rules_type):  # a 0.1.0 checkpoint switched
+            self.rules = self._fresh_rules_type()
         self.rules.load_state_dict(copy.deepcopy(self._fresh_rules))
+        engine = isinstance(self.rules, AlertEngine)
+        self.evaluator.pairing = PairedRows() if engine else None
         # the checkpoint's input kind, compared with the inputs' at on_train_start
         self._restored_kind: str | None = None
         self._cells_logged = False
@@ -253,6 +272,8 @@ class _KLMonitorLogic:
         cells = sample_metrics.cells_of(self.evaluator.metric)
         if cells is not None:
             state["cells"] = cells
+        if self.evaluator.pairing is not None:
+            state["pairing"] = self.evaluator.pairing.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -265,7 +286,16 @@ class _KLMonitorLogic:
         self.cadence.load_state_dict(state_dict)
         self.failures = int(state_dict["failures"])
         self.alerts = [Alert(**a) for a in state_dict["alerts"]]
-        self.rules.load_state_dict(state_dict["rules"])
+        rules = state_dict["rules"]
+        if "thresholds" in rules:
+            self.rules = AlertEngine()
+            self.evaluator.pairing = self.evaluator.pairing or PairedRows()
+        elif not isinstance(self.rules, AlertRules):
+            # a 0.1.0 checkpoint: its level detectors carry on where they were
+            self.rules, self.evaluator.pairing = AlertRules(), None
+        self.rules.load_state_dict(rules)
+        if self.evaluator.pairing is not None and "pairing" in state_dict:
+            self.evaluator.pairing.load_state_dict(state_dict["pairing"])
         if "leak_rule" in state_dict:  # checkpoints from before the leaked-mass series
             self.leak_rule.load_state_dict(state_dict["leak_rule"])
         self._restored_kind = state_dict.get("kind")
@@ -300,7 +330,11 @@ class _KLMonitorLogic:
                 warn_once(f"limit_val_batches/{self.prefix}",
                           f"KLMonitor(prefix={self.prefix!r}) evaluates {held.note}.",
                           KLMonitorWarning)  # fmt: skip
-        self.evaluator.accumulate(trainer, pl_module, limit, self.seed + self.cadence.n_evals)
+        # The same seed at every evaluation: model samples drawn with common random
+        # numbers pair with the baseline's (legacy rules keep a seed per evaluation).
+        paired = self.evaluator.pairing is not None
+        seed = self.seed if paired else self.seed + self.cadence.n_evals
+        self.evaluator.accumulate(trainer, pl_module, limit, seed)
 
     def _skip(self, trainer: Any, error: BaseException | None) -> None:
         self.failures += 1
@@ -319,13 +353,14 @@ class _KLMonitorLogic:
             self._skip(trainer, err)
             return None
         self.cadence.record(step)
-        fired = self.rules.update(Evaluation.from_result(step, result))
+        fired = self._alerts(trainer, step)
+        if isinstance(self.rules, AlertRules):
+            fired = self.rules.update(Evaluation.from_result(step, result))
         # the leaked-mass series always learns; its alert is one more over-dispersion
         # explanation, reported unless the KL rules reported that kind at this evaluation
         leaks = self.leak_rule.update(step, result)
-        if "over_dispersion" in self.rules.kinds and not any(
-            a.kind == "over_dispersion" for a in fired
-        ):
+        kinds = getattr(self.rules, "kinds", ALERT_KINDS)
+        if "over_dispersion" in kinds and not any(a.kind == "over_dispersion" for a in fired):
             fired += leaks
         cells = sample_metrics.cells_as_groups(result)
         if cells is not None:
@@ -342,6 +377,23 @@ class _KLMonitorLogic:
             actions.show_in_progress_bar(pl_module, self.prefix, result)
         actions.act_on_alerts(trainer, fired, self.on_alert, self.stop_on)
         return scalars
+
+
+    def _alerts(self, trainer: Any, step: int) -> list[Alert]:
+        """The engine's alerts from this evaluation's paired evidence (a collective)."""
+        pairing = self.evaluator.pairing
+        if pairing is None or not isinstance(self.rules, AlertEngine):
+            return []
+
+        def reduce(t: Any) -> Any:
+            if trainer.world_size == 1:
+                return t
+            device = trainer.strategy.root_device
+            return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+        decision = self.rules.update(pairing.evidence(step, self.num_groups, reduce))
+        pairing.rebase(decision)
+        return decision.alerts
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -383,7 +435,7 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
 
     With a TensorBoard logger it adds a custom-scalars layout (margin charts with
     ±2 stderr bands, forward and reverse on one chart), histograms of the per-sample
-    log ratio and the alert text. Alerts (see ``AlertRules``)
+    log ratio and the alert text. Alerts (see ``kl_monitor.alerting``)
     warn on rank zero, go to ``on_alert(alert)`` on rank zero, and stop training
     when their kind is in ``stop_on`` (agreed across ranks).
 
@@ -428,8 +480,9 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
             ``"sequence_sum"``.
         num_groups: number of group labels when ``KLInputs`` carries ``groups``.
         prefix: tag prefix (default ``"kl"``).
-        rules: ``AlertRules`` (thresholds); default rules
-            when ``None``.
+        rules: ``AlertThresholds`` (effect sizes and the false-alarm budget of the
+            default ``AlertEngine``), or an ``AlertEngine``; an ``AlertRules`` selects
+            the legacy level detectors. Default thresholds when ``None``.
         on_alert: called with each ``Alert``.
         stop_on: alert kinds that stop training, e.g. ``("collapse",)``.
         log_histograms: log per-sample log-ratio histograms to TensorBoard.

@@ -123,6 +123,8 @@ class Evaluator:
         self.held: compat.HeldOut | None = None
         #: cells of sample-only inputs from a checkpoint, for the metric once it exists
         self.cells: torch.Tensor | None = None
+        #: per-row values for paired evidence (``PairedRows``), or ``None``
+        self.pairing: Any = None
 
     def reset(self) -> None:
         if self.metric is not None:
@@ -134,6 +136,8 @@ class Evaluator:
         self.histogram = None
         self.reset()
         keep_hist = self.log_histograms and trainer.is_global_zero
+        if self.pairing is not None:
+            self.pairing.start()
         held = self.held_out(trainer, limit)
         with _isolated_rng(device, seed), torch.no_grad(), compat.validation_mode(pl_module):
             seen = 0
@@ -146,6 +150,8 @@ class Evaluator:
                 for inputs in items:
                     compat.check_inputs_device(inputs, device)
                     values = self._metric_for(inputs, device).update_from(inputs)
+                    if self.pairing is not None:
+                        self.pairing.add(inputs, self.metric)
                     if keep_hist and self.histogram is None:
                         values = values.reshape(-1)
                         values = values[torch.isfinite(values)][:HIST_VALUES]

@@ -303,3 +303,20 @@ class PairedRows:
                 self._group_eval.update({k: self._eval_id for k in groups})
                 used = set(self._group_eval.values())
                 self._pool = {k: v for k, v in self._pool.items() if k in used}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The baselines (bounded tensors), so a resumed run pairs with them."""
+        return {
+            "rows": self._rows,
+            "global": self._global,
+            "pool": self._pool,
+            "group_eval": dict(self._group_eval),
+            "eval_id": self._eval_id,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self._rows, self._global = d["rows"], d["global"]
+        self._pool = dict(d["pool"])
+        self._group_eval = {int(k): int(v) for k, v in d["group_eval"].items()}
+        self._eval_id = int(d["eval_id"])
