@@ -137,6 +137,9 @@ def figure(results: list[dict], runs: list, png: Path) -> None:
         ax.scatter(
             s[:, 0], s[:, 1], s=3, alpha=0.5, color="C0" if r["objective"] == "forward" else "C1"
         )
+        for k, (mx, my) in enumerate(ring.means.tolist()):  # numbered, as alerts name them
+            ax.annotate(str(k), (mx * 1.3, my * 1.3), ha="center", va="center", fontsize=11,
+                        fontweight="bold")  # fmt: skip
         ax.set_title(f"{r['objective']} KL training: {r['modes_covered']}/8 modes covered")
         ax.set_aspect("equal")
         ax.set_xlim(-6, 6)

@@ -6,6 +6,7 @@ where the reference has none, and stays small when the model drops modes. Always
 look at both.
 """
 
+from .alerting import AlertEngine, AlertThresholds, Change, Evidence
 from .binned import BinnedKLResult, binned_kl, fit_cells
 from .callback import KLAlertWarning, KLMonitor, KLMonitorWarning
 from .detectors import ALERT_KINDS, Alert, AlertRules, CusumDetector, Evaluation
@@ -20,6 +21,7 @@ from .generation import Generation, hf_generation_inputs, sample_continuations
 from .inputs import INPUT_KINDS, KLInputs
 from .knn import KNNKLResult, knn_kl
 from .metrics import CategoricalKL, MonteCarloKL, SampledKL
+from .pairing import PairedRows
 from .results import (
     CategoricalResult,
     DirectionEstimate,
@@ -40,15 +42,19 @@ __all__ = [
     "ALERT_KINDS",
     "INPUT_KINDS",
     "Alert",
+    "AlertEngine",
     "AlertRules",
+    "AlertThresholds",
     "BinnedKL",
     "BinnedKLResult",
     "CategoricalKL",
     "CategoricalKLResult",
     "CategoricalResult",
+    "Change",
     "CusumDetector",
     "DirectionEstimate",
     "Evaluation",
+    "Evidence",
     "Generation",
     "GroupEstimate",
     "IWEstimate",
@@ -63,6 +69,7 @@ __all__ = [
     "KNNKLResult",
     "MonteCarloKL",
     "MonteCarloResult",
+    "PairedRows",
     "RowSource",
     "SampledKL",
     "SampledResult",

@@ -216,6 +216,7 @@ def plot_runs(
         ax.set_xlabel("training step")
         ax.set_ylabel("nats")
         ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylim(bottom=0.0)  # a KL is ≥ 0: no axis spent on negative nats
         ax.legend(fontsize=8)
     if fig is not None:
         fig.savefig(png, dpi=110)
