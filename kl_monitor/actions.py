@@ -30,13 +30,20 @@ class KLMonitorWarning(UserWarning):
 
 
 def evaluation_scalars(
-    prefix: str, result: Any, failures: int, fired: Sequence[Alert]
+    prefix: str, result: Any, failures: int, fired: Sequence[Alert], open_kind: str | None = None
 ) -> dict[str, float]:
-    """Every scalar of one evaluation: the result's tags, failures and alert flags."""
+    """Every scalar of one evaluation: the result's tags, failures and alert flags.
+
+    ``<prefix>/alert/<kind>`` is 1 at an evaluation where an alert of that kind fired
+    and, with the paired engine, at every evaluation of its open episode
+    (``open_kind``): a plateau of 1s from the alert until the episode closes, that
+    TensorBoard's smoothing cannot flatten into a spike of 2e-3.
+    """
     scalars = tb.scalars(prefix, result)
     scalars[f"{prefix}/failures"] = float(failures)
     for kind in ALERT_KINDS:
-        scalars[f"{prefix}/alert/{kind}"] = float(any(a.kind == kind for a in fired))
+        flag = kind == open_kind or any(a.kind == kind for a in fired)
+        scalars[f"{prefix}/alert/{kind}"] = float(flag)
     return scalars
 
 

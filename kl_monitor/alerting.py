@@ -351,13 +351,16 @@ def _dropping_rise(
 ) -> float:
     """A group's forward contribution when it is losing mode mass, else 0.
 
-    Counted when its forward contribution rose significantly, its model mass fell,
-    and the contribution's level p_g·KL_g is at least what a density 12.5% below the
+    Counted when its forward contribution rose significantly, its model mass fell by
+    at least 12.5% of its own baseline (a quarter of ``mass_loss``), and the
+    contribution's level p_g·KL_g is at least what a density 12.5% below the
     reference's (a quarter of ``mass_loss``) gives: p_g·log(1/0.875). Measured on
     the held-out rows, far more precise than a mass from model samples.
     """
-    if f is None or m is None or not p or m.rise >= 0 or not math.isfinite(f.current):
+    if f is None or m is None or not p or not math.isfinite(f.current) or m.baseline <= 0:
         return 0.0
+    if m.current > (1 - 0.25 * (1 - th.mass_loss)) * m.baseline:
+        return 0.0  # its own (paired) mass fell by less than 12.5%
     if f.z < z_star or f.current < p * -math.log(1 - 0.25 * (1 - th.mass_loss)):
         return 0.0
     return f.current

@@ -368,7 +368,9 @@ class _KLMonitorLogic:
             if trainer.is_global_zero and not self._cells_logged:
                 self._cells_logged = tb.write_cells(trainer.loggers, self.prefix, step, cells)
         self.alerts.extend(fired)
-        scalars = actions.evaluation_scalars(self.prefix, result, self.failures, fired)
+        engine = self.rules if isinstance(self.rules, AlertEngine) else None
+        open_kind = engine.kind if engine is not None and engine.open else None
+        scalars = actions.evaluation_scalars(self.prefix, result, self.failures, fired, open_kind)
         self.last_result, self.last_evaluation = scalars, result
         actions.log_scalars(trainer, scalars, step)
         if trainer.is_global_zero:

@@ -95,7 +95,10 @@ def test_reverse_run_alerts_and_names_a_dropped_mode(demo_run):
     assert alert["step"] < STEPS
     named = set(alert["groups"])
     assert named and named <= set(range(MODES)), alert
-    assert "modes dropped:" in alert["message"]
+    # the message quotes the mass each named mode lost (the wording of issue 12)
+    assert "(mode dropping)" in alert["message"] and "of their mass" in alert["message"]
+    for g in named:
+        assert f"{g} lost " in alert["message"], alert["message"]
 
     # compare with what the final model actually left uncovered
     mass = _final_mass(_runs(out)["reverse_kl_training"])
