@@ -20,11 +20,11 @@ its sufficient statistics (n, Σd, Σd²) merge across ranks by summation.
 **Effects (``AlertThresholds``, documented defaults).** A series *moved* when:
 
 * global forward or reverse KL rose by ≥ max(``global_nats``, ``relative`` × baseline
-  level) (0.02 nats, 50%);
+  level) (0.05 nats, 50%);
 * a group's model mass fell to ≤ ``mass_loss`` (0.5) × its baseline mass ("mode 3
   lost ≥ 50% of its mass"; sampled path, when model samples carry groups);
 * a group's contribution rose by ≥ max(``group_nats``, ``relative`` × its baseline
-  contribution) (0.01 nats), counting for the forward direction only what its
+  contribution) (0.02 nats), counting for the forward direction only what its
   mass loss does not explain (a mode whose weight moved by 15% is not a fault);
 * (kind only) a group's model entropy moved by ≥ ``entropy_nats`` (0.25 nats;
   logits path): entropy decides what a group's rise is, never that there is one.
@@ -128,9 +128,9 @@ class AlertThresholds:
         0.5
     """
 
-    global_nats: float = 0.02
+    global_nats: float = 0.05
     relative: float = 0.5
-    group_nats: float = 0.01
+    group_nats: float = 0.02
     mass_loss: float = 0.5
     entropy_nats: float = 0.25
     false_alarm_rate: float = 1e-4
@@ -505,7 +505,8 @@ def classify(a: Assessment, ev: Evidence) -> tuple[str, str, tuple[int, ...]]:
         d_f = sum(max(g.forward_rise, 0.0) for g in showing)
         d_r = sum(max(g.reverse_rise, 0.0) for g in showing)
     lost = sum(g.mass_rise for g in gs)
-    if any(g.mass for g in gs) or (lost > 0 and lost >= 0.5 * max(d_f, d_r)):
+    dropping = any(g.dropping_rise > 0 for g in gs)
+    if any(g.mass for g in gs) or (dropping and lost > 0 and lost >= 0.5 * max(d_f, d_r)):
         # Groups losing mass that explains at least half of the rise: modes being
         # dropped, caught before they are half gone. Named: the groups whose mass fell
         # carrying 90% of the forward rise of such groups.

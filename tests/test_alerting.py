@@ -66,7 +66,7 @@ def test_a_fall_is_never_an_alert_and_moves_the_baseline():
 def test_global_rise_needs_both_the_effect_and_the_significance():
     th = AlertThresholds()
     z_star = z_critical(2, th.false_alarm_rate)
-    # Significant but below max(0.02 nats, 50% of 0.1): no alert.
+    # Significant but below max(0.05 nats, 50% of 0.1): no alert.
     small = Evidence(1, forward=Change(0.14, 0.1, 1e-6), reverse=flat())
     assert not assess(small).moved
     # Large but not significant: no alert.
