@@ -233,7 +233,8 @@ def _run(args: argparse.Namespace) -> int:
     for r in results + gans:
         alerts = (
             "; ".join(
-                f"{a['kind']} @ step {a['step']} (modes {', '.join(map(str, a['groups'])) or '-'})"
+                ("update" if a["details"].get("update") else a["kind"])
+                + f" @ step {a['step']} (modes {', '.join(map(str, a['groups'])) or '-'})"
                 for a in r["alerts"]
             )
             or "none"
