@@ -682,6 +682,29 @@ def report(results: list[Result], det: str, held_seed) -> None:
         print(row(fam, score([r for r in results if r.family == fam], det)))
 
 
+def _save(path: str, results: list[Result], nulls: dict) -> None:
+    import dataclasses
+    import json
+
+    rows = [dataclasses.asdict(r) for r in results]
+    Path(path).write_text(json.dumps({"runs": rows, "nulls": nulls}, default=float))
+
+
+def _load(paths: list[str]) -> tuple[list[Result], dict]:
+    import json
+
+    results, nulls = [], {}
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for row in d["runs"]:
+            row["affected"] = tuple(row["affected"])
+            row["alerts"] = {k: [(t, kind, tuple(g)) for t, kind, g in v]
+                             for k, v in row["alerts"].items()}  # fmt: skip
+            results.append(Result(**row))
+        nulls.update(d["nulls"])
+    return results, nulls
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="2 seeds, 300-eval null (seconds)")
@@ -690,14 +713,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=("new", "old"), default=None)
     ap.add_argument("--family", action="append", default=None, help="restrict to families")
     ap.add_argument("--show", action="store_true", help="print each fault run's first alert")
+    ap.add_argument("--save", default=None, help="also write the runs as JSON here")
+    ap.add_argument("--load", nargs="+", default=None, help="print tables of saved runs")
     args = ap.parse_args(argv)
     seeds = args.seeds or (2 if args.fast else 20)
-    null_evals = args.null_evals or (300 if args.fast else 5000)
+    null_evals = args.null_evals if args.null_evals is not None else (300 if args.fast else 5000)
     dets = (args.only,) if args.only else ("new", "old")
     fams = [f for f in families() if not args.family or f.name in args.family]
     t0 = time.perf_counter()
-    results = [simulate(f, s, dets) for f in fams for s in range(seeds)]
-    print(f"{len(fams)} families x {seeds} seeds = {len(results)} runs "
+    if args.load:
+        results, nulls = _load(args.load)
+        dets = tuple(d for d in ("new", "old") if any(d in r.alerts for r in results))
+    else:
+        results = [simulate(f, s, dets) for f in fams for s in range(seeds)]
+        nulls = {det: null_run(null_evals, det) for det in dets} if null_evals else {}
+    if args.save:
+        _save(args.save, results, nulls)
+    seeds_seen = len({r.seed for r in results})
+    fams_seen = len({r.family for r in results})
+    print(f"{fams_seen} families x {seeds_seen} seeds = {len(results)} runs "
           f"({sum(not r.fault for r in results)} healthy); held out: seeds with seed % 3 == 2 "
           f"and families {', '.join(HELD_OUT_FAMILIES)}")  # fmt: skip
 
@@ -705,12 +739,12 @@ def main(argv: list[str] | None = None) -> int:
         return seed % 3 == 2
 
     for det in dets:
-        report(results, det, held)
-    print(f"\n5000-evaluation null run (50 groups, converged, wobble): {null_evals} evaluations")
-    for det in dets:
-        n_alerts, n = null_run(null_evals, det)
+        if any(det in r.alerts for r in results):
+            report([r for r in results if det in r.alerts], det, held)
+    for det, (n_alerts, n) in nulls.items():
         name = "after (AlertEngine)" if det == "new" else "before (AlertRules)"
-        print(f"- {name}: {n_alerts} alerts = {1000 * n_alerts / n:.2f} per 1000 evaluations")
+        print(f"\nnull run, 50 groups, converged with wobble, {n} evaluations, {name}: "
+              f"{n_alerts} alerts = {1000 * n_alerts / n:.2f} per 1000 evaluations")  # fmt: skip
     if args.show:
         for r in results:
             if r.fault and "new" in r.alerts:
