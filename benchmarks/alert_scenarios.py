@@ -725,7 +725,12 @@ def main(argv: list[str] | None = None) -> int:
         results, nulls = _load(args.load)
         dets = tuple(d for d in ("new", "old") if any(d in r.alerts for r in results))
     else:
-        results = [simulate(f, s, dets) for f in fams for s in range(seeds)]
+        results, nulls = [], {}
+        for s in range(seeds):  # seed-major, saved as it goes: a partial run is usable
+            for f in fams:
+                results.append(simulate(f, s, dets))
+                if args.save:
+                    _save(args.save, results, nulls)
         nulls = {det: null_run(null_evals, det) for det in dets} if null_evals else {}
     if args.save:
         _save(args.save, results, nulls)
