@@ -25,9 +25,10 @@ truth just before the fault. For healthy families the table reports the worst
 true rise over any earlier evaluation, as a multiple of its threshold ("truth
 margin"): below 1 means the run holds no event an alert should report.
 
-Scored, per run: false alarms (any alert in a healthy run; any alert before the
-fault starts in a fault run), delay (evaluations from the true onset to the first
-alert; negative = before the threshold was crossed but after the fault began),
+Scored, per run: false alarms (any alert in a healthy run; fault runs alerted before
+the fault starts are counted in their own column), delay (evaluations from the true
+onset to the first alert at or after the fault's start; negative = before the
+threshold was crossed but after the fault began),
 kind of the first alert, groups it names (exactly the affected ones). The new
 engine (``AlertEngine`` on paired evidence) and the detectors before it
 (``AlertRules``, CUSUM on levels) see the same runs.
@@ -586,8 +587,9 @@ class Score:
     runs: int = 0
     healthy: int = 0
     healthy_evals: int = 0
-    false_alarms: int = 0
-    fa_runs: int = 0
+    false_alarms: int = 0  # in healthy runs
+    fa_runs: int = 0  # healthy runs with one
+    early: int = 0  # fault runs alerted before the fault began
     faults: int = 0
     detected: int = 0
     delays: list = field(default_factory=list)  # inf = missed
@@ -609,9 +611,7 @@ def score(results: list[Result], det: str) -> Score:
             s.margin = max(s.margin, r.margin)
             continue
         s.faults += 1
-        early = [a for a in alerts if a[0] < T0]
-        s.false_alarms += len(early)
-        s.fa_runs += bool(early)
+        s.early += any(a[0] < T0 for a in alerts)
         after = [a for a in alerts if a[0] >= T0]
         if not after or r.onset is None:
             s.delays.append(math.inf)
@@ -642,16 +642,16 @@ def row(label: str, s: Score) -> str:
 
     margin = f"{s.margin:.2f}" if s.healthy else "–"
     return (
-        f"| {label} | {s.healthy} | {s.fa_runs if s.healthy else 0}/{s.healthy} | "
-        f"{fa_rate:.2f} | {margin} | {s.faults} | {s.detected}/{s.faults} | "
+        f"| {label} | {s.healthy} | {s.fa_runs}/{s.healthy} | "
+        f"{fa_rate:.2f} | {margin} | {s.faults} | {s.early}/{s.faults} | {s.detected}/{s.faults} | "
         f"{fmt(med)} | {fmt(p95)} | {pct(s.kind_ok)} | {pct(s.groups_ok)} |"
     )
 
 
 HEADER = (
     "| runs | healthy | healthy runs with a false alarm | false alarms / 1000 healthy evals "
-    "| truth margin (max) | fault runs | detected | median delay | p95 delay | kind correct "
-    "| groups exact |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| truth margin (max) | fault runs | alerted before the fault | detected | median delay "
+    "| p95 delay | kind correct | groups exact |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
