@@ -7,9 +7,9 @@ held-out batch to a logged scalar and an alert:
 
 1. ``Evaluator.accumulate``: ``kl_inputs(batch)`` -> ``KLInputs`` -> ``metric.update_from``;
 2. ``Evaluator.compute``: ``metric.compute()`` -> a typed result (one host transfer);
-3. ``PairedRows.evidence`` (each series' change against its baseline rows, paired
-   row by row) -> ``AlertEngine.update`` -> ``Alert`` objects (or, with legacy
-   ``rules=AlertRules(...)``, ``Evaluation.from_result`` -> ``AlertRules.update``);
+3. ``Evaluation.from_result`` -> ``AlertRules.update`` -> ``Alert`` objects (or, with
+   ``rules=AlertThresholds(...)``, ``PairedRows.evidence``: each series' change
+   against its baseline rows, paired row by row -> ``AlertEngine.update``);
 4. ``actions.evaluation_scalars`` (``tensorboard.scalars``) -> ``logger.log_metrics``;
 5. ``tensorboard.write_extras``: the alert as text and as a JSON record;
 6. ``actions.act_on_alerts``: warning, ``on_alert``, ``should_stop``.
@@ -128,10 +128,12 @@ class _KLMonitorLogic:
         self.max_batches = max_batches
         self.method, self.reduction, self.num_groups = method, reduction, num_groups
         self.prefix = prefix
-        if isinstance(rules, AlertThresholds) or rules is None:
+        if rules is None:
+            rules = AlertRules()
+        elif isinstance(rules, AlertThresholds):
             rules = AlertEngine(rules)
-        #: the alert logic: an ``AlertEngine`` on paired evidence (default), or the
-        #: legacy ``AlertRules`` when given one (or resumed from a 0.1.0 checkpoint)
+        #: the alert logic: the level detectors ``AlertRules`` (default), or an
+        #: ``AlertEngine`` on paired evidence when given ``AlertThresholds``
         self.rules: AlertEngine | AlertRules = rules
         # the model's mass outside the reference's support (logits), its own series
         # (a level CUSUM with the legacy rules' settings when given them)
@@ -291,7 +293,7 @@ class _KLMonitorLogic:
             self.rules = AlertEngine()
             self.evaluator.pairing = self.evaluator.pairing or PairedRows()
         elif not isinstance(self.rules, AlertRules):
-            # a 0.1.0 checkpoint: its level detectors carry on where they were
+            # a checkpoint of the level detectors: they carry on where they were
             self.rules, self.evaluator.pairing = AlertRules(), None
         self.rules.load_state_dict(rules)
         if self.evaluator.pairing is not None and "pairing" in state_dict:
@@ -482,9 +484,9 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
             ``"sequence_sum"``.
         num_groups: number of group labels when ``KLInputs`` carries ``groups``.
         prefix: tag prefix (default ``"kl"``).
-        rules: ``AlertThresholds`` (effect sizes and the false-alarm budget of the
-            default ``AlertEngine``), or an ``AlertEngine``; an ``AlertRules`` selects
-            the legacy level detectors. Default thresholds when ``None``.
+        rules: ``AlertRules`` (the level detectors; the default when ``None``), or
+            ``AlertThresholds`` / an ``AlertEngine`` for alerts from paired evidence
+            (``kl_monitor.alerting``).
         on_alert: called with each ``Alert``.
         stop_on: alert kinds that stop training, e.g. ``("collapse",)``.
         log_histograms: log per-sample log-ratio histograms to TensorBoard.

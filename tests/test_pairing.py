@@ -125,3 +125,45 @@ def test_engine_on_paired_rows_catches_a_dropped_mode_and_not_noise():
         fired += [(t, a.kind, a.groups) for a in d.alerts]
     assert fired == [(8, "collapse", (2,))], fired
     assert math.isfinite(fired[0][0])
+
+
+def _scripted(onset, seed, rules):
+    import warnings
+
+    from lit_models import (
+        namespace,
+        ring_data,
+        scripted_mixture_module,
+        scripted_schedule,
+        train_data,
+    )
+
+    from kl_monitor import KLMonitor
+
+    monitor = KLMonitor(ring_data(1024, seed=seed), every_n_train_steps=1, max_batches=2,
+                        num_groups=8, seed=seed, rules=rules)  # fmt: skip
+    model = scripted_mixture_module("lightning.pytorch", scripted_schedule(onset=onset), every=1)
+    t = namespace("lightning.pytorch").Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, max_steps=24,
+        callbacks=[monitor],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, train_data(4096, dim=2, batch_size=8))
+    return monitor
+
+
+def test_monitor_with_the_paired_engine_names_the_dropped_modes():
+    from kl_monitor import AlertEngine, AlertThresholds
+
+    monitor = _scripted(onset=12, seed=0, rules=AlertThresholds())
+    assert isinstance(monitor.rules, AlertEngine)
+    first = monitor.alerts[0]
+    assert first.kind == "collapse" and first.details["signature"] == "mode_dropping"
+    assert 0 <= first.step - 12 < 5
+    assert first.groups and set(first.groups) <= {1, 2, 5, 6}
+    assert "lost" in first.message
+    assert "pairing" in monitor.state_dict()
+    healthy = _scripted(onset=None, seed=1, rules=AlertThresholds())
+    assert healthy.alerts == [], [a.message for a in healthy.alerts]
