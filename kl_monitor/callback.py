@@ -386,7 +386,7 @@ class _KLMonitorLogic:
     def _alerts(self, trainer: Any, step: int) -> list[Alert]:
         """The engine's alerts from this evaluation's paired evidence (a collective)."""
         pairing = self.evaluator.pairing
-        if pairing is None or not isinstance(self.rules, AlertEngine):
+        if pairing is None or not isinstance(self.rules, AlertEngine) or not pairing.has_rows:
             return []
 
         def reduce(t: Any) -> Any:

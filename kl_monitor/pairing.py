@@ -116,6 +116,8 @@ class PairedRows:
         """This batch's per-unit values (detached, float64, on the CPU)."""
         if not self._cur:
             self.start()
+        if inputs.kind not in ("logits", "log_probs"):
+            return  # no per-row log ratios to pair (samples only): no paired evidence
         if inputs.kind == "logits":
             self._add_logits(inputs, metric)
         else:
@@ -149,6 +151,11 @@ class PairedRows:
             self._push(key, v[unit].cpu())
         if labels is not None:
             self._push("lab", labels[unit].cpu())
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether the current evaluation added rows to pair (same on every rank)."""
+        return bool(self._cur.get("f"))
 
     def _push(self, key: str, x: Tensor) -> None:
         have = sum(t.numel() for t in self._cur[key])
