@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
 
     print("\n" + "=" * 96)
-    print(f"{'run':<9} {'forward KL D(P‖Q)':<22} {'reverse KL D(Q‖P)':<22} {'modes':<7} alerts")
+    print(f"{'run':<13} {'forward KL D(P‖Q)':<22} {'reverse KL D(Q‖P)':<22} {'modes':<7} alerts")
     for r in results + gans:
         alerts = (
             "; ".join(
@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
             or "none"
         )
         print(
-            f"{r['objective']:<9} {r['forward']:>8.3f} ± {r['forward_stderr']:<9.3f} "
+            f"{r['objective']:<13} {r['forward']:>8.3f} ± {r['forward_stderr']:<9.3f} "
             f"{r['reverse']:>8.3f} ± {r['reverse_stderr']:<9.3f} {r['modes_covered']}/8    {alerts}"
         )
     for r in gans:
