@@ -366,17 +366,21 @@ def _dropping_rise(
     return f.current
 
 
-def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> GroupFinding:
-    f, r = ev.group_forward.get(g), ev.group_reverse.get(g)
-    m, h = ev.group_mass.get(g), ev.group_entropy.get(g)
-    p = ev.group_reference_mass.get(g)
-    cap = _mass_cap(p, ev.reference_rows)
-    ratio = _mass_ratio(m, cap)
-    support = f is not None and f.current == math.inf and f.baseline != math.inf
-    # A mode's forward KL is log(p_g/q_g) + misfit: mass moving away adds
-    # p_g·log(q_g(b)/q_g(now)) to its contribution, and q_g·log(q_g/p_g) is the mass
-    # part of its reverse contribution. The mass rule judges mass; the rise rules
-    # judge what is left, with the mass estimate's noise added to the change's.
+def _z(rise: float, se: float) -> float:
+    """Standardised rise; ±inf for a rise with no noise, 0 for none."""
+    return rise / se if se > 0 else math.copysign(math.inf, rise) if rise else 0.0
+
+
+def _rises_without_mass_part(
+    f: Any, r: Any, m: Any, p: float | None
+) -> tuple[float, float, float, float]:
+    """A group's forward and reverse rises (and stderrs) less what its mass change explains.
+
+    A mode's forward KL is log(p_g/q_g) + misfit: mass moving away adds
+    p_g·log(q_g(b)/q_g(now)) to its contribution, and q_g·log(q_g/p_g) is the mass
+    part of its reverse contribution. The mass rule judges mass; the rise rules
+    judge what is left, with the mass estimate's noise added to the change's.
+    """
     f_rise, f_se = (f.rise, f.se) if f is not None and math.isfinite(f.rise) else (0.0, 0.0)
     r_rise, r_se = (r.rise, r.se) if r is not None and math.isfinite(r.rise) else (0.0, 0.0)
     if m is not None and p and m.baseline > 0 and math.isfinite(m.current):
@@ -385,21 +389,26 @@ def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> 
         f_se = math.hypot(f_se, p / q_now * m.se)
         r_rise -= _xlogy_ratio(m.current, p) - _xlogy_ratio(m.baseline, p)
         r_se = math.hypot(r_se, (abs(math.log(q_now / p)) + 1.0) * m.se)
-    f_z = f_rise / f_se if f_se > 0 else math.copysign(math.inf, f_rise) if f_rise else 0.0
-    r_z = r_rise / r_se if r_se > 0 else math.copysign(math.inf, r_rise) if r_rise else 0.0
+    return f_rise, f_se, r_rise, r_se
+
+
+def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> GroupFinding:
+    f, r = ev.group_forward.get(g), ev.group_reverse.get(g)
+    m, h = ev.group_mass.get(g), ev.group_entropy.get(g)
+    p = ev.group_reference_mass.get(g)
+    cap = _mass_cap(p, ev.reference_rows)
+    ratio = _mass_ratio(m, cap)
+    support = f is not None and f.current == math.inf and f.baseline != math.inf
+    f_rise, f_se, r_rise, r_se = _rises_without_mass_part(f, r, m, p)
+    f_z, r_z = _z(f_rise, f_se), _z(r_rise, r_se)
     f_need = max(th.group_nats, th.relative * max(f.baseline, 0.0)) if f is not None else 0.0
     r_need = max(th.group_nats, th.relative * max(r.baseline, 0.0)) if r is not None else 0.0
     # A mode the model had already dropped at the baseline (mass below mass_loss ×
     # its share) cannot be dropped again: its forward contribution is log(p/q) of a
     # mass too small for the model samples to measure, not a new coverage gap.
     dropped = m is not None and p is not None and m.baseline < th.mass_loss * p
-    fwd = (
-        f is not None
-        and not dropped
-        and math.isfinite(f.baseline)
-        and f_z >= z_star
-        and f_rise >= f_need
-    )
+    fwd = (f is not None and not dropped and math.isfinite(f.baseline)
+           and f_z >= z_star and f_rise >= f_need)
     rev = r is not None and math.isfinite(r.baseline) and r_z >= z_star and r_rise >= r_need
     mass = (
         ratio is not None

@@ -257,56 +257,10 @@ class _KLMonitorLogic:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "version": _STATE_VERSION,
-            **self.cadence.state_dict(),
-            "failures": self.failures,
-            "alerts": [a.to_dict() for a in self.alerts],
-            "rules": self.rules.state_dict(),
-            "kind": self.evaluator.kind or self._restored_kind,
-            "last_result": dict(self.last_result),
-            # only once the leaked-mass series has started, so a state without it (a
-            # monitor of samples, or one written by 0.1.0) round-trips unchanged
-            **({"leak_rule": self.leak_rule.state_dict()} if self.leak_rule.n_values else {}),
-        }
-        # the cells of sample-only inputs: an optional key, so other states keep the
-        # exact form of version 1
-        cells = sample_metrics.cells_of(self.evaluator.metric)
-        if cells is not None:
-            state["cells"] = cells
-        if self.evaluator.pairing is not None:
-            state["pairing"] = self.evaluator.pairing.state_dict()
-        return state
+        return _monitor_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(
-                f"KLMonitor checkpoint state has version {version!r}; this kl_monitor reads "
-                f"version {_STATE_VERSION} (written by kl_monitor 0.1.0 and later)."
-            )
-        self.cadence.load_state_dict(state_dict)
-        self.failures = int(state_dict["failures"])
-        self.alerts = [Alert(**a) for a in state_dict["alerts"]]
-        rules = state_dict["rules"]
-        if "thresholds" in rules:
-            self.rules = AlertEngine()
-            self.evaluator.pairing = self.evaluator.pairing or PairedRows()
-        elif not isinstance(self.rules, AlertRules):
-            # a checkpoint of the level detectors: they carry on where they were
-            self.rules, self.evaluator.pairing = AlertRules(), None
-        self.rules.load_state_dict(rules)
-        if self.evaluator.pairing is not None and "pairing" in state_dict:
-            self.evaluator.pairing.load_state_dict(state_dict["pairing"])
-        if "leak_rule" in state_dict:  # checkpoints from before the leaked-mass series
-            self.leak_rule.load_state_dict(state_dict["leak_rule"])
-        self._restored_kind = state_dict.get("kind")
-        self.last_result = dict(state_dict.get("last_result", {}))
-        cells = state_dict.get("cells")
-        if cells is not None:
-            self.evaluator.cells = torch.tensor(cells, dtype=torch.float64)
-            if self.evaluator.metric is not None:
-                self.evaluator.metric.centroids = self.evaluator.cells
+        _restore_monitor_state(self, state_dict)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, trainer: Any, pl_module: Any) -> dict[str, float] | None:
@@ -355,7 +309,7 @@ class _KLMonitorLogic:
             self._skip(trainer, err)
             return None
         self.cadence.record(step)
-        fired = self._alerts(trainer, step)
+        fired = _engine_alerts(self, trainer, step)
         if isinstance(self.rules, AlertRules):
             fired = self.rules.update(Evaluation.from_result(step, result))
         # the leaked-mass series always learns; its alert is one more over-dispersion
@@ -383,21 +337,77 @@ class _KLMonitorLogic:
         return scalars
 
 
-    def _alerts(self, trainer: Any, step: int) -> list[Alert]:
-        """The engine's alerts from this evaluation's paired evidence (a collective)."""
-        pairing = self.evaluator.pairing
-        if pairing is None or not isinstance(self.rules, AlertEngine) or not pairing.has_rows:
-            return []
+def _monitor_state(monitor: _KLMonitorLogic) -> dict[str, Any]:
+    """The monitor's checkpoint state: schedule, alerts, detectors and what they need."""
+    state = {
+        "version": _STATE_VERSION,
+        **monitor.cadence.state_dict(),
+        "failures": monitor.failures,
+        "alerts": [a.to_dict() for a in monitor.alerts],
+        "rules": monitor.rules.state_dict(),
+        "kind": monitor.evaluator.kind or monitor._restored_kind,
+        "last_result": dict(monitor.last_result),
+        # only once the leaked-mass series has started, so a state without it (a
+        # monitor of samples, or one written by 0.1.0) round-trips unchanged
+        **({"leak_rule": monitor.leak_rule.state_dict()} if monitor.leak_rule.n_values else {}),
+    }
+    # the cells of sample-only inputs: an optional key, so other states keep the
+    # exact form of version 1
+    cells = sample_metrics.cells_of(monitor.evaluator.metric)
+    if cells is not None:
+        state["cells"] = cells
+    if monitor.evaluator.pairing is not None:
+        state["pairing"] = monitor.evaluator.pairing.state_dict()
+    return state
 
-        def reduce(t: Any) -> Any:
-            if trainer.world_size == 1:
-                return t
-            device = trainer.strategy.root_device
-            return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
 
-        decision = self.rules.update(pairing.evidence(step, self.num_groups, reduce))
-        pairing.rebase(decision)
-        return decision.alerts
+def _restore_monitor_state(monitor: _KLMonitorLogic, state_dict: dict[str, Any]) -> None:
+    """Inverse of ``_monitor_state`` (a version-1 state from 0.1.0 included)."""
+    version = state_dict.get("version")
+    if version != _STATE_VERSION:
+        raise ValueError(
+            f"KLMonitor checkpoint state has version {version!r}; this kl_monitor reads "
+            f"version {_STATE_VERSION} (written by kl_monitor 0.1.0 and later)."
+        )
+    monitor.cadence.load_state_dict(state_dict)
+    monitor.failures = int(state_dict["failures"])
+    monitor.alerts = [Alert(**a) for a in state_dict["alerts"]]
+    rules = state_dict["rules"]
+    if "thresholds" in rules:
+        monitor.rules = AlertEngine()
+        monitor.evaluator.pairing = monitor.evaluator.pairing or PairedRows()
+    elif not isinstance(monitor.rules, AlertRules):
+        # a checkpoint of the level detectors: they carry on where they were
+        monitor.rules, monitor.evaluator.pairing = AlertRules(), None
+    monitor.rules.load_state_dict(rules)
+    if monitor.evaluator.pairing is not None and "pairing" in state_dict:
+        monitor.evaluator.pairing.load_state_dict(state_dict["pairing"])
+    if "leak_rule" in state_dict:  # checkpoints from before the leaked-mass series
+        monitor.leak_rule.load_state_dict(state_dict["leak_rule"])
+    monitor._restored_kind = state_dict.get("kind")
+    monitor.last_result = dict(state_dict.get("last_result", {}))
+    cells = state_dict.get("cells")
+    if cells is not None:
+        monitor.evaluator.cells = torch.tensor(cells, dtype=torch.float64)
+        if monitor.evaluator.metric is not None:
+            monitor.evaluator.metric.centroids = monitor.evaluator.cells
+
+
+def _engine_alerts(monitor: _KLMonitorLogic, trainer: Any, step: int) -> list[Alert]:
+    """The engine's alerts from this evaluation's paired evidence (a collective)."""
+    pairing = monitor.evaluator.pairing
+    if pairing is None or not isinstance(monitor.rules, AlertEngine) or not pairing.has_rows:
+        return []
+
+    def reduce(t: Any) -> Any:
+        if trainer.world_size == 1:
+            return t
+        device = trainer.strategy.root_device
+        return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
+
+    decision = monitor.rules.update(pairing.evidence(step, monitor.num_groups, reduce))
+    pairing.rebase(decision)
+    return decision.alerts
 
 
 def _callback_bases() -> tuple[type, ...]:
