@@ -83,14 +83,20 @@ def check_logits(
         raise ValueError(f"logits are empty (shape {tuple(p.shape)}).")
     lead = tuple(p.shape[:-1])
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                "`mask` must be a bool tensor (True = counted row), got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)}."
-            )
-        if tuple(mask.shape) != lead:
-            raise ValueError(
-                f"`mask` must have the logits' shape without the class axis, {lead}, "
-                f"got {tuple(mask.shape)}."
-            )
+        check_mask(mask, lead)
     return lead
+
+
+def check_mask(mask: object, lead: tuple[int, ...]) -> torch.Tensor:
+    """Return ``mask`` if it is a bool tensor of the logits' shape without the class axis."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            "`mask` must be a bool tensor (True = counted row), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}."
+        )
+    if tuple(mask.shape) != tuple(lead):
+        raise ValueError(
+            f"`mask` must have the logits' shape without the class axis, {tuple(lead)}, "
+            f"got {tuple(mask.shape)}."
+        )
+    return mask

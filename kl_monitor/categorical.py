@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._utils import check_floating, check_nonfinite_mode, compute_dtype, warn_once
+from ._utils import check_floating, check_mask, check_nonfinite_mode, compute_dtype, warn_once
 
 __all__ = [
     "CategoricalKLResult",
@@ -432,15 +432,7 @@ def _check_args(logits_p, logits_q, mask, reduction, nonfinite, chunk_rows, fuse
         )
     lead = logits_p.shape[:-1]
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"`mask` must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}."
-            )
-        if mask.shape != lead:
-            raise ValueError(
-                f"`mask` must have the logits' shape without the class axis, {tuple(lead)}, "
-                f"got {tuple(mask.shape)}."
-            )
+        check_mask(mask, tuple(lead))
 
 
 def categorical_kl(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._utils import check_floating, check_nonfinite_mode, check_same_shape
+from ._utils import check_floating, check_mask, check_nonfinite_mode, check_same_shape
 from .estimators import categorical_kl_rows, kept_rows
 
 __all__ = [
@@ -277,12 +277,4 @@ def _check_mask(
 ) -> torch.Tensor:
     if mask is None:
         return torch.ones(lead, dtype=torch.bool, device=device)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(
-            f"`mask` must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}."
-        )
-    if mask.shape != lead:
-        raise ValueError(
-            f"`mask` must have shape (batch, seq) = {tuple(lead)}, got {tuple(mask.shape)}."
-        )
-    return mask.to(device)
+    return check_mask(mask, tuple(lead)).to(device)
