@@ -288,25 +288,9 @@ def knn_kl(
     xy = _neighbours(xs, ys, k + 1, False, chunk_rows)
     yy = _neighbours(ys, ys, k + 1, True, chunk_rows)
     yx = _neighbours(ys, xs, k + 1, False, chunk_rows)
-    out = []
-    for name, own, other, n_b in (("reference", xx, xy, m), ("model", yy, yx, n)):
-        valid = (own[0][:, k - 1] > 0) & (other[0][:, k - 1] > 0)
-        if int(valid.sum()) < 2:
-            raise ValueError(
-                f"fewer than 2 {name} samples have a nonzero k-th neighbour distance: the "
-                f"samples hold ≥ k={k} exact duplicates of almost every row (a discrete "
-                "or collapsed distribution); use binned_kl, or a larger k."
-            )
-        out.append(_direction(own, other, n_b, k, d))
-    (fwd, fwd_se, f_terms, f_valid), (rev, rev_se, r_terms, r_valid) = out
-    ties = int((~f_valid).sum() + (~r_valid).sum())
-    if ties:
-        warn_once(
-            "knn_ties",
-            f"kl_monitor: {ties} samples have k={k} exact duplicates (a zero neighbour "
-            "distance) and were left out of the k-NN KL; counted in `ties`. This warning "
-            "is shown once.",
-        )
+    (fwd, fwd_se, f_terms, f_valid), (rev, rev_se, r_terms, r_valid), ties = (
+        _both_directions(xx, xy, yy, yx, n, m, k, d)
+    )
     return KNNKLResult(
         forward=fwd, reverse=rev, forward_stderr=fwd_se, reverse_stderr=rev_se,
         n=n, m=m, d=d, k=k,
@@ -318,6 +302,32 @@ def knn_kl(
         ties=ties,
         nonfinite=int(x.shape[0] - n + y.shape[0] - m),
     )
+
+
+def _both_directions(
+    xx: tuple, xy: tuple, yy: tuple, yx: tuple, n: int, m: int, k: int, d: int
+) -> tuple[tuple, tuple, int]:
+    """Forward and reverse (value, stderr, terms, valid) from the four neighbour searches,
+    and the rows left out for a zero k-th neighbour distance (warned once)."""
+    out = []
+    for name, own, other, n_b in (("reference", xx, xy, m), ("model", yy, yx, n)):
+        valid = (own[0][:, k - 1] > 0) & (other[0][:, k - 1] > 0)
+        if int(valid.sum()) < 2:
+            raise ValueError(
+                f"fewer than 2 {name} samples have a nonzero k-th neighbour distance: the "
+                f"samples hold ≥ k={k} exact duplicates of almost every row (a discrete "
+                "or collapsed distribution); use binned_kl, or a larger k."
+            )
+        out.append(_direction(own, other, n_b, k, d))
+    ties = int(sum(int((~valid).sum()) for *_, valid in out))
+    if ties:
+        warn_once(
+            "knn_ties",
+            f"kl_monitor: {ties} samples have k={k} exact duplicates (a zero neighbour "
+            "distance) and were left out of the k-NN KL; counted in `ties`. This warning "
+            "is shown once.",
+        )
+    return out[0], out[1], ties
 
 
 def _validated(

@@ -280,6 +280,43 @@ def sample_features(ell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return torch.stack([terms[name] for name in COLUMNS], dim=-1), _fold_of(ell), clipped
 
 
+def _finite_samples(
+    log_a: torch.Tensor, log_b: torch.Tensor, nonfinite: str, names: tuple[str, str]
+) -> tuple[torch.Tensor, ...]:
+    """Validated float64 ``a``, ``b`` and the masks ``valid``, ``support`` (b = 0 < a) and
+    ``bad`` (NaN/inf, dropped with one warning or rejected, as ``nonfinite`` says)."""
+    name_a, name_b = names
+    check_nonfinite_mode(nonfinite)
+    check_floating(name_a, log_a)
+    check_floating(name_b, log_b)
+    check_same_shape(name_a, log_a, name_b, log_b)
+    if log_a.numel() == 0:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` are empty (shape {tuple(log_a.shape)}); "
+            "expected at least one sample."
+        )
+    a = log_a.detach().reshape(-1).to(torch.float64)
+    b = log_b.detach().reshape(-1).to(torch.float64)
+    # b = 0 at a sample of A is a real support violation: D(A‖B) = +inf.
+    support = torch.isfinite(a) & (b == -math.inf)
+    valid = torch.isfinite(a) & torch.isfinite(b)
+    bad = ~(valid | support)
+    n_bad = int(bad.sum())
+    if n_bad:
+        if nonfinite == "raise":
+            raise ValueError(
+                f"{n_bad} of {a.numel()} samples have NaN or infinite log-densities "
+                f"(`{name_a}` must be finite; `{name_b}` may be -inf only for a support "
+                "violation). Pass nonfinite='skip' to drop them."
+            )
+        warn_once(
+            "mc_kl_nonfinite",
+            "kl_monitor: samples with NaN or infinite log-densities were dropped "
+            "(counted in `nonfinite`). This warning is shown once.",
+        )
+    return a, b, valid, support, bad
+
+
 class KLStats:
     """Sufficient statistics of ℓ = log a − log b over samples of A, in float64.
 
@@ -357,35 +394,7 @@ class KLStats:
         ``groups`` holds a validated integer label in [0, num_groups) per sample (same
         number of elements as ``log_a``); with ``None`` the last two outputs are empty.
         """
-        name_a, name_b = names
-        check_nonfinite_mode(nonfinite)
-        check_floating(name_a, log_a)
-        check_floating(name_b, log_b)
-        check_same_shape(name_a, log_a, name_b, log_b)
-        if log_a.numel() == 0:
-            raise ValueError(
-                f"`{name_a}` and `{name_b}` are empty (shape {tuple(log_a.shape)}); "
-                "expected at least one sample."
-            )
-        a = log_a.detach().reshape(-1).to(torch.float64)
-        b = log_b.detach().reshape(-1).to(torch.float64)
-        # b = 0 at a sample of A is a real support violation: D(A‖B) = +inf.
-        support = torch.isfinite(a) & (b == -math.inf)
-        valid = torch.isfinite(a) & torch.isfinite(b)
-        bad = ~(valid | support)
-        n_bad = int(bad.sum())
-        if n_bad:
-            if nonfinite == "raise":
-                raise ValueError(
-                    f"{n_bad} of {a.numel()} samples have NaN or infinite log-densities "
-                    f"(`{name_a}` must be finite; `{name_b}` may be -inf only for a support "
-                    "violation). Pass nonfinite='skip' to drop them."
-                )
-            warn_once(
-                "mc_kl_nonfinite",
-                "kl_monitor: samples with NaN or infinite log-densities were dropped "
-                "(counted in `nonfinite`). This warning is shown once.",
-            )
+        a, b, valid, support, bad = _finite_samples(log_a, log_b, nonfinite, names)
         ell = a[valid] - b[valid]
         feats, fold, clipped = sample_features(ell)
         sums = torch.zeros(2, NCOL, dtype=torch.float64, device=a.device)
