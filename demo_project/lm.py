@@ -39,6 +39,8 @@ from kl_monitor import KLInputs, KLMonitor
 from kl_monitor.generation import sample_continuations
 from kl_monitor.report import load_runs
 
+from .run import fresh_logdir, single_threaded
+
 TYPES, SYMBOLS, LENGTH = 4, 8, 12
 COLLAPSED = 2  # the prompt type the reward collapses
 
@@ -188,21 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: intra-op threads only add synchronisation
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return single_threaded(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists():
-        for old in out.rglob("events.out.tfevents.*"):
-            old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    out = fresh_logdir(args.out)
     warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
     print(f"=== GRU LM on a Markov source: {args.steps} steps, reward fine-tuning of prompt "
           f"type {COLLAPSED} from step {args.finetune_at}, KLMonitor every {args.every} ===")

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -172,23 +173,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gan-every", type=int, default=50, help="GAN cadence in steps")
     args = parser.parse_args(argv)
-    # The models are tiny: intra-op threads only add synchronisation, and on a busy
-    # 2-core machine they made the demo 4x slower (49.7 s vs 13.0 s, same results).
+    return single_threaded(_run, args)
+
+
+def single_threaded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)`` with one intra-op thread, the caller's count restored after.
+
+    The demo models are tiny: intra-op threads only add synchronisation, and on a busy
+    2-core machine they made the demo 4x slower (49.7 s vs 13.0 s, same results).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(args)
+        return run(args)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+def fresh_logdir(path: str) -> Path:
+    """The run directory, emptied of earlier event files (a rerun draws fresh curves)."""
+    out = Path(path)
     if out.exists():
         for old in out.rglob("events.out.tfevents.*"):
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = fresh_logdir(args.out)
     objectives = ("forward", "reverse") if args.objective == "both" else (args.objective,)
     start = time.perf_counter()
     # Piped to a file, progress bars are thousands of carriage-return updates that bury
