@@ -112,6 +112,28 @@ class SoakResult:
     def cpu_drift(self) -> float:
         return self.drift(self.cpu_ms_first, self.cpu_ms_last)
 
+    @property
+    def cpu_trend(self) -> float:
+        """Growth of CPU time per evaluation over the whole run, by a robust line fit.
+
+        Theil–Sen (the median of all pairwise slopes, over medians of blocks of 5
+        evaluations) fitted to the series; returns slope × run length / the fit's start.
+        A leak that slows evaluations (a list scanned every time, a growing state) grows
+        steadily and reads as its growth (a doubling reads 1.0); a burst of other
+        processes moves few pairs, so the median slope hardly sees it.
+        """
+        series = self.cpu_series
+        blocks = [statistics.median(series[i : i + 5]) for i in range(0, len(series) - 4, 5)]
+        x = [5 * i + 2 for i in range(len(blocks))]
+        slopes = [
+            (blocks[j] - blocks[i]) / (x[j] - x[i])
+            for i in range(len(blocks))
+            for j in range(i + 1, len(blocks))
+        ]
+        slope = statistics.median(slopes)
+        start = statistics.median(b - slope * xi for b, xi in zip(blocks, x))
+        return slope * len(series) / start if start > 0 else 0.0
+
 
 def _tenth(values: list, last: bool) -> list:
     k = max(1, len(values) // 10)

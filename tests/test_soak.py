@@ -17,10 +17,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: The CI machine is shared: per-decile CPU time per evaluation moves by ±10% with the
-#: load of other processes over a 300-evaluation run, whatever the monitor does. A leak
-#: that makes evaluations slower (a list scanned every evaluation, a growing state) shows
-#: as steady growth; this bound catches a doubling, the benchmark reports the real drift.
+#: The CI machine is shared: the thread's CPU time per evaluation moves with the load of
+#: other processes (caches, SMT siblings), and a 30-evaluation decile's median moved by
+#: up to +66% in one CI run with no trend at all (deciles here, idle: 4.5 to 7.9 ms). A leak
+#: that makes evaluations slower (a list scanned every evaluation, a growing state) grows
+#: steadily: a robust line fit over the whole run (``SoakResult.cpu_trend``) reads it as its
+#: growth, and it shows again in a second run, which a burst of other processes does not.
+#: This bound catches growth by half over the run; the benchmark reports the real drift.
 TIME_GROWTH = 0.5
 
 
@@ -44,4 +47,7 @@ def test_soak_fast_memory_and_time_stay_flat(kind):
     assert abs(r.tensor_drift) <= 0.05, (r.tensors_first, r.tensors_last)
     # no tensor may accumulate at all: every sample of the run is at most the first
     assert max(r.tensor_series) <= r.tensor_series[0] + 2, r.tensor_series
-    assert r.cpu_drift <= TIME_GROWTH, (r.cpu_ms_first, r.cpu_ms_last)
+    trend = r.cpu_trend
+    if trend > TIME_GROWTH:  # a leak reproduces; another process's burst does not
+        trend = min(trend, soak.soak(kind, evals=300, warmup=30, sample_every=30).cpu_trend)
+    assert trend <= TIME_GROWTH, (trend, r.ms_deciles)
