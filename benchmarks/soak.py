@@ -131,7 +131,7 @@ class SoakResult:
             for j in range(i + 1, len(blocks))
         ]
         slope = statistics.median(slopes)
-        start = statistics.median(b - slope * xi for b, xi in zip(blocks, x))
+        start = statistics.median(b - slope * xi for b, xi in zip(blocks, x, strict=True))
         return slope * len(series) / start if start > 0 else 0.0
 
 
