@@ -93,7 +93,6 @@ class GRULM(pl.LightningModule):
         self.head = nn.Linear(hidden, SYMBOLS)
         self.lr = lr
         self.source = source
-        self.kl_generator = torch.Generator().manual_seed(1234)  # the monitor's own RNG
 
     def step(self, new_ids: torch.Tensor, state):
         """A ``StepFn``: the GRU's hidden state is the cache. After the prompt, the new
@@ -121,7 +120,11 @@ class GRULM(pl.LightningModule):
         """The model's generations for the held-out prompts, and the held-out text."""
         (seqs,) = batch
         types = seqs[:, 0]
-        gen = sample_continuations(self.step, seqs[:, :1], LENGTH, generator=self.kl_generator)
+        # KLMonitor seeds the global RNG the same at every evaluation (and restores
+        # training's afterwards): generations with common random numbers pair with the
+        # baseline evaluation's, sample by sample
+        rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        gen = sample_continuations(self.step, seqs[:, :1], LENGTH, generator=rng)
         generated = torch.cat((seqs[:, :1], gen.continuation + TYPES), 1)
         on_model = KLInputs.from_logits(self.source.logits(generated), gen.logits,
                                         groups=types, sampled_from="model")

@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -107,6 +107,10 @@ _STATE_VERSION = 1
 @dataclass(frozen=True)
 class AlertThresholds:
     """Effect sizes (in nats or mass ratios) and the false-alarm budget.
+
+    The nats are **per token** (per sample for densities); for a sequence-level KL
+    (``reduction="sequence_sum"``) they are multiplied by the mean number of tokens
+    per sequence (``per_unit``).
 
     Attributes:
         global_nats: smallest rise of global forward/reverse KL, in nats.
@@ -152,6 +156,27 @@ class AlertThresholds:
             )
         if not isinstance(self.rearm, int) or self.rearm < 1:
             raise ValueError(f"`rearm` must be an int ≥ 1, got {self.rearm!r}.")
+
+    def per_unit(self, tokens: float) -> AlertThresholds:
+        """The absolute floors (nats per token) for series in units of `tokens` tokens.
+
+        A sequence-level KL (``reduction="sequence_sum"``) of 12-token sequences moves
+        12 times as far as its per-token mean for the same change of the model: its
+        floors are 12 times the per-token ones. Relative thresholds and masses are
+        unit-free.
+
+        Examples:
+            >>> AlertThresholds().per_unit(12.0).group_nats
+            0.24
+        """
+        if tokens == 1.0 or not math.isfinite(tokens) or tokens <= 0:
+            return self
+        return replace(
+            self,
+            global_nats=self.global_nats * tokens,
+            group_nats=self.group_nats * tokens,
+            entropy_nats=self.entropy_nats * tokens,
+        )
 
 
 def z_critical(n_series: int, false_alarm_rate: float = 1e-4) -> float:
@@ -235,6 +260,10 @@ class Evidence:
         group_entropy: per group, the model's mean entropy given the group
             (logits path).
         group_entropy_reference: per group, the reference's entropy (for messages).
+        unit_tokens: tokens per unit of every series (1: per token or per sample;
+            the mean counted tokens per sequence for ``reduction="sequence_sum"``).
+            The absolute floors of ``AlertThresholds`` are per token and are
+            multiplied by it; the relative ones do not depend on the unit.
     """
 
     step: int
@@ -247,6 +276,7 @@ class Evidence:
     reference_rows: float | None = None
     group_entropy: Mapping[int, Change] = field(default_factory=dict)
     group_entropy_reference: Mapping[int, float] = field(default_factory=dict)
+    unit_tokens: float = 1.0
 
     @property
     def n_series(self) -> int:
@@ -461,7 +491,7 @@ def assess(ev: Evidence, th: AlertThresholds | None = None) -> Assessment:
         >>> a.forward, a.moved
         (True, True)
     """
-    th = th or AlertThresholds()
+    th = (th or AlertThresholds()).per_unit(ev.unit_tokens)
     z_star = z_critical(ev.n_series, th.false_alarm_rate)
     keys = sorted(
         set(ev.group_forward) | set(ev.group_reverse) | set(ev.group_mass) | set(ev.group_entropy)
@@ -552,6 +582,7 @@ def describe(
 ) -> str:
     """The alert's sentence; every number agrees with its kind (pure)."""
     by = {g.group: g for g in a.groups}
+    nats = "nats" if ev.unit_tokens == 1.0 else "nats per sequence"
     head = f"{kind.replace('_', ' ')} ({signature.replace('_', ' ')}) at step {a.step}: "
     f, r = ev.forward, ev.reverse
 
@@ -562,20 +593,20 @@ def describe(
         if c.current == math.inf:
             return f"{name} KL is infinite"
         if c.rise > 0 and c.z >= 2:
-            return f"{name} KL rose +{c.rise:.3g} nats to {_f(c.current)} (z={_f(c.z, 2)})"
-        return f"{name} KL is {_f(c.current)} nats overall"
+            return f"{name} KL rose +{c.rise:.3g} {nats} to {_f(c.current)} (z={_f(c.z, 2)})"
+        return f"{name} KL is {_f(c.current)} {nats} overall"
 
     if signature == "mode_dropping":
         lost = ", ".join(f"{g} lost {1 - (by[g].mass_ratio or 0):.0%}" for g in groups)
-        word = "mode" if len(groups) == 1 else "modes"
-        return head + f"{word} {lost} of their mass; " + glob("forward", f)
+        word, whose = ("mode", "its") if len(groups) == 1 else ("modes", "their")
+        return head + f"{word} {lost} of {whose} mass; " + glob("forward", f)
     if signature == "sharpening":
         parts = []
         for g in groups:
             h = ev.group_entropy[g]
             ref = ev.group_entropy_reference.get(g)
             parts.append(
-                f"group {g}'s model entropy fell {-by[g].entropy_change:.3g} nats to "
+                f"group {g}'s model entropy fell {-by[g].entropy_change:.3g} {nats} to "
                 f"{_f(h.current)}" + (f" (reference {_f(ref)})" if ref is not None else "")
             )
         return head + "; ".join(parts) + ("; " + glob("reverse", r) if r is not None else "")
@@ -591,7 +622,7 @@ def describe(
         key = "forward_rise" if kind == "coverage_gap" else "reverse_rise"
         rises = ", ".join(f"{g} +{getattr(by[g], key):.3g}" for g in groups)
         msg += f"{names[0]} KL rose in group{'s' if len(groups) > 1 else ''} {_glist(groups)} "
-        msg += f"(rise of each group's share of the total, nats: {rises}); "
+        msg += f"(rise of each group's share of the total, {nats}: {rises}); "
     msg += glob(names[0], main)
     if other is not None:
         msg += "; " + glob(names[1], other)

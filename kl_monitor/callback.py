@@ -39,7 +39,7 @@ from .detectors import ALERT_KINDS, Alert, AlertRules, Evaluation
 from .evaluator import Evaluator, MetricConfig
 from .inputs import KLInputs
 from .pairing import PairedRows
-from .results import KLResult
+from .results import KLResult, SamplesResult
 from .stats import METHODS
 from .support import LeakedMassRule
 
@@ -128,12 +128,10 @@ class _KLMonitorLogic:
         self.max_batches = max_batches
         self.method, self.reduction, self.num_groups = method, reduction, num_groups
         self.prefix = prefix
-        if rules is None:
-            rules = AlertRules()
-        elif isinstance(rules, AlertThresholds):
+        if rules is None or isinstance(rules, AlertThresholds):
             rules = AlertEngine(rules)
-        #: the alert logic: the level detectors ``AlertRules`` (default), or an
-        #: ``AlertEngine`` on paired evidence when given ``AlertThresholds``
+        #: the alert logic: an ``AlertEngine`` on paired evidence (default, or given
+        #: ``AlertThresholds``), or 0.1.0's level detectors when given ``AlertRules``
         self.rules: AlertEngine | AlertRules = rules
         # the model's mass outside the reference's support (logits), its own series
         # (a level CUSUM with the legacy rules' settings when given them)
@@ -147,7 +145,6 @@ class _KLMonitorLogic:
         config = MetricConfig(method, reduction, num_groups, sample_estimator, num_cells,
                               max_samples, seed)  # fmt: skip
         self.evaluator = Evaluator(dataloader, inputs_fn, config, log_histograms, val_loader)
-        self.evaluator.pairing = PairedRows() if isinstance(rules, AlertEngine) else None
         self._fresh_rules_type = type(self.rules)
         self._fresh_rules = copy.deepcopy(self.rules.state_dict())
         self._reset_run()
@@ -168,6 +165,9 @@ class _KLMonitorLogic:
         self.rules.load_state_dict(copy.deepcopy(self._fresh_rules))
         engine = isinstance(self.rules, AlertEngine)
         self.evaluator.pairing = PairedRows() if engine else None
+        #: sample-only results (k-NN, binned) have no per-row values to pair: with the
+        #: engine, their alerts come from the level detectors
+        self.sample_rules = AlertRules() if engine else None
         # the checkpoint's input kind, compared with the inputs' at on_train_start
         self._restored_kind: str | None = None
         self._cells_logged = False
@@ -310,8 +310,11 @@ class _KLMonitorLogic:
             return None
         self.cadence.record(step)
         fired = _engine_alerts(self, trainer, step)
-        if isinstance(self.rules, AlertRules):
-            fired = self.rules.update(Evaluation.from_result(step, result))
+        levels = self.rules if isinstance(self.rules, AlertRules) else None
+        if levels is None and isinstance(result, SamplesResult):
+            levels = self.sample_rules
+        if levels is not None:
+            fired = levels.update(Evaluation.from_result(step, result))
         # the leaked-mass series always learns; its alert is one more over-dispersion
         # explanation, reported unless the KL rules reported that kind at this evaluation
         leaks = self.leak_rule.update(step, result)
@@ -358,6 +361,8 @@ def _monitor_state(monitor: _KLMonitorLogic) -> dict[str, Any]:
         state["cells"] = cells
     if monitor.evaluator.pairing is not None:
         state["pairing"] = monitor.evaluator.pairing.state_dict()
+    if monitor.sample_rules is not None and monitor.sample_rules.n_evaluations:
+        state["sample_rules"] = monitor.sample_rules.state_dict()
     return state
 
 
@@ -376,12 +381,15 @@ def _restore_monitor_state(monitor: _KLMonitorLogic, state_dict: dict[str, Any])
     if "thresholds" in rules:
         monitor.rules = AlertEngine()
         monitor.evaluator.pairing = monitor.evaluator.pairing or PairedRows()
+        monitor.sample_rules = monitor.sample_rules or AlertRules()
     elif not isinstance(monitor.rules, AlertRules):
-        # a checkpoint of the level detectors: they carry on where they were
-        monitor.rules, monitor.evaluator.pairing = AlertRules(), None
+        # a checkpoint of the level detectors (0.1.0): they carry on where they were
+        monitor.rules, monitor.evaluator.pairing, monitor.sample_rules = AlertRules(), None, None
     monitor.rules.load_state_dict(rules)
     if monitor.evaluator.pairing is not None and "pairing" in state_dict:
         monitor.evaluator.pairing.load_state_dict(state_dict["pairing"])
+    if monitor.sample_rules is not None and "sample_rules" in state_dict:
+        monitor.sample_rules.load_state_dict(state_dict["sample_rules"])
     if "leak_rule" in state_dict:  # checkpoints from before the leaked-mass series
         monitor.leak_rule.load_state_dict(state_dict["leak_rule"])
     monitor._restored_kind = state_dict.get("kind")

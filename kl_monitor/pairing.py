@@ -108,9 +108,10 @@ class PairedRows:
         self._group_eval: dict[int, int] = {}
         self._eval_id = 0
         self.paired = True
+        self._r_on_rows = False  # reverse KL from P's rows (logits), not model samples
 
     def start(self) -> None:
-        self._cur = {k: [] for k in ("f", "r_rows", "h", "fp", "lab", "r", "rlab")}
+        self._cur = {k: [] for k in ("f", "r_rows", "h", "fp", "lab", "r", "rlab", "tok")}
 
     def add(self, inputs: KLInputs, metric: Any = None) -> None:
         """This batch's per-unit values (detached, float64, on the CPU)."""
@@ -147,6 +148,14 @@ class PairedRows:
         if getattr(metric, "reduction", "token_mean") == "sequence_sum":
             vals = [torch.where(counted, v, torch.zeros((), dtype=_F64)).sum(-1) for v in vals]
             unit = counted.any(-1)
+            self._push("tok", counted.sum(-1).to(_F64)[unit].cpu())  # tokens per unit
+        if inputs.sampled_from == "model":
+            # the model's own generations: model samples (reverse KL, as the metric
+            # reports it), paired by common random numbers, never rows of P
+            self._push("r", vals[1][unit].cpu())
+            if labels is not None:
+                self._push("rlab", labels[unit].cpu())
+            return
         for key, v in zip(("f", "r_rows", "h", "fp"), vals, strict=True):
             self._push(key, v[unit].cpu())
         if labels is not None:
@@ -155,7 +164,7 @@ class PairedRows:
     @property
     def has_rows(self) -> bool:
         """Whether the current evaluation added rows to pair (same on every rank)."""
-        return bool(self._cur.get("f"))
+        return bool(self._cur.get("f") or self._cur.get("r"))
 
     def _push(self, key: str, x: Tensor) -> None:
         have = sum(t.numel() for t in self._cur[key])
@@ -164,28 +173,32 @@ class PairedRows:
 
     def _current(self) -> dict[str, Tensor | None]:
         cat = {k: torch.cat(v) if v else None for k, v in self._cur.items()}
-        if cat["r"] is None and cat["r_rows"] is not None:  # logits: reverse on the rows
+        self._r_on_rows = cat["r"] is None and cat["r_rows"] is not None
+        if self._r_on_rows:  # logits of P's rows only: reverse KL on the same rows
             cat["r"], cat["rlab"] = cat["r_rows"], cat["lab"]
         return cat
 
     # ------------------------------------------------------------------ evidence
     def _same_rows(self, cur: dict[str, Tensor | None]) -> tuple[bool, bool]:
         """(sizes agree, rows are the same) against the stored baselines."""
-        base = self._rows
-        if base is None or cur["f"] is None:
+        base, glob = self._rows, self._global
+        if base is None or glob is None:
             return False, False
-        sizes = cur["f"].numel() == base["f"].numel()
-        if cur["r"] is not None and self._global is not None and self._global["r"] is not None:
-            sizes = sizes and cur["r"].numel() == self._global["r"].numel()
-        same = sizes and bool(
-            torch.allclose(cur["fp"], base["fp"], rtol=1e-6, atol=1e-9, equal_nan=True)
+        sizes = all(
+            (cur[k] is None) == (glob[k] is None)
+            and (cur[k] is None or cur[k].numel() == glob[k].numel())
+            for k in ("f", "r")
+        )
+        same = sizes and (
+            cur["fp"] is None
+            or bool(torch.allclose(cur["fp"], base["fp"], rtol=1e-6, atol=1e-9, equal_nan=True))
         )
         return sizes, same
 
     def _set_all(self, cur: dict[str, Tensor | None], g: int) -> None:
-        self._rows = {k: v.clone() for k, v in cur.items() if v is not None and k != "r"}
-        if cur["r"] is not None and "r_rows" in self._rows:
-            self._rows["r"] = self._rows["r_rows"]
+        self._rows = {k: v.clone() for k, v in cur.items() if v is not None and k[0] != "r"}
+        if cur["r_rows"] is not None:
+            self._rows["r_rows"] = cur["r_rows"].clone()
         self._global = dict(cur)
         self._eval_id += 1
         self._pool = {self._eval_id: {"r": cur["r"], "rlab": cur["rlab"]}}
@@ -204,9 +217,9 @@ class PairedRows:
         """
         cur = self._now = self._current()
         g = num_groups or 0
-        if cur["f"] is None:
+        if cur["f"] is None and cur["r"] is None:
             raise ValueError("PairedRows.evidence(): no rows were added since start().")
-        if cur["lab"] is None:
+        if cur["lab"] is None and cur["rlab"] is None:
             g = 0
         if self._rows is None:
             self._set_all(cur, g)  # the first evaluation is the first baseline
@@ -223,27 +236,39 @@ class PairedRows:
 
     def _parts(self, cur: dict[str, Tensor | None], g: int) -> tuple[list[Tensor], list[str]]:
         rows, glob = self._rows, self._global
-        lab, blab = cur["lab"], rows.get("lab")
-        parts = [_sums(cur["f"], glob["f"], None, None, 0)]
-        layout = ["forward"]
-        if cur["r"] is not None:
-            parts.append(_sums(cur["r"], glob["r"], None, None, 0))
-            layout.append("reverse")
+        parts, layout = [], []
+        for name, key in (("forward", "f"), ("reverse", "r")):
+            if cur[key] is not None:
+                parts.append(_sums(cur[key], glob[key], None, None, 0))
+                layout.append(name)
+        if cur["tok"] is not None:
+            parts.append(_sums(cur["tok"], cur["tok"], None, None, 0))
+            layout.append("tokens")
         if not g:
             return parts, layout
-        ones = torch.ones_like(cur["f"])
-        parts.append(_sums(ones, ones, lab, blab, g)[1:])  # n_g
-        parts.append(_sums(cur["f"], rows["f"], lab, blab, g)[1:])
-        layout += ["count", "group_forward"]
-        if cur["h"] is not None:  # logits: reverse and entropy on the same rows
-            parts.append(_sums(cur["r"], rows["r_rows"], lab, blab, g)[1:])
-            parts.append(_sums(cur["h"], rows["h"], lab, blab, g)[1:])
-            parts.append(_sums(cur["fp"], cur["fp"], lab, lab, g)[1:])
-            layout += ["group_reverse", "group_entropy", "entropy_reference"]
-        elif cur["r"] is not None and cur["rlab"] is not None:
+        if cur["f"] is not None and cur["lab"] is not None:  # held-out rows of P
+            lab, blab = cur["lab"], rows.get("lab")
+            ones = torch.ones_like(cur["f"])
+            parts.append(_sums(ones, ones, lab, blab, g)[1:])  # n_g
+            parts.append(_sums(cur["f"], rows["f"], lab, blab, g)[1:])
+            layout += ["count", "group_forward"]
+            if cur["h"] is not None:  # logits: the model's entropy on the same rows
+                parts.append(_sums(cur["h"], rows["h"], lab, blab, g)[1:])
+                parts.append(_sums(cur["fp"], cur["fp"], lab, lab, g)[1:])
+                layout += ["group_entropy", "entropy_reference"]
+            if self._r_on_rows:
+                parts.append(_sums(cur["r"], rows["r_rows"], lab, blab, g)[1:])
+                layout.append("group_reverse")
+                return parts, layout
+        if cur["r"] is not None and cur["rlab"] is not None:  # model samples
             rev, mass = self._sample_groups(cur, g)
-            parts += [rev, mass]
-            layout += ["group_reverse", "group_mass"]
+            parts.append(rev)
+            layout.append("group_reverse")
+            if cur["h"] is None and cur["fp"] is not None:
+                # log densities: a sample's group is where the model put it (its mass);
+                # a generation's group is its prompt's, which the model cannot move
+                parts.append(mass)
+                layout.append("group_mass")
         return parts, layout
 
     def _sample_groups(self, cur: dict[str, Tensor | None], g: int) -> tuple[Tensor, Tensor]:
@@ -265,20 +290,24 @@ class PairedRows:
         blocks: dict[str, list[list[float]]] = {}
         i = 0
         for name in layout:
-            k = 1 if name in ("forward", "reverse") else g
+            k = 1 if name in ("forward", "reverse", "tokens") else g
             blocks[name] = [vals[i + j * _NSUM : i + (j + 1) * _NSUM] for j in range(k)]
             i += k * _NSUM
         paired = self.paired
-        ev: dict[str, Any] = {"forward": _change(blocks["forward"][0], paired)}
-        if "reverse" in blocks:
-            ev["reverse"] = _change(blocks["reverse"][0], paired)
-        if g:
+        ev: dict[str, Any] = {
+            name: _change(blocks[name][0], paired) for name in ("forward", "reverse")
+            if name in blocks
+        }  # fmt: skip
+        if "tokens" in blocks and blocks["tokens"][0][0] > 0:
+            ev["unit_tokens"] = blocks["tokens"][0][1] / blocks["tokens"][0][0]
+        if g and "count" in blocks:
             n = blocks["forward"][0][0]
             n_g = [row[1] for row in blocks["count"]]
             ev["reference_rows"] = n
             ev["group_reference_mass"] = {k: n_g[k] / n for k in range(g) if n_g[k] > 0}
             ev["group_forward"] = {k: _change(blocks["group_forward"][k], paired)
                                    for k in ev["group_reference_mass"]}  # fmt: skip
+        if g:
             for name in ("group_reverse", "group_mass"):
                 if name in blocks:
                     ev[name] = {k: _change(s, paired) for k, s in enumerate(blocks[name])}
@@ -294,22 +323,24 @@ class PairedRows:
     def rebase(self, decision: Decision) -> None:
         """Keep the current evaluation as the baseline the decision names."""
         cur = self._now
-        if not cur or self._rows is None:
+        if not cur or self._global is None:
             return
         if decision.rebase:
             self._global = dict(cur)
         groups = list(decision.rebase_groups)
-        if groups and cur["lab"] is not None:
+        if not groups:
+            return
+        if cur["lab"] is not None:
             sel = torch.isin(cur["lab"], torch.tensor(groups, dtype=torch.int64))
             for key in ("f", "r_rows", "h"):
                 if cur.get(key) is not None and key in self._rows:
                     self._rows[key] = torch.where(sel, cur[key], self._rows[key])
-            if cur["h"] is None and cur["r"] is not None and cur["rlab"] is not None:
-                self._eval_id += 1
-                self._pool[self._eval_id] = {"r": cur["r"], "rlab": cur["rlab"]}
-                self._group_eval.update({k: self._eval_id for k in groups})
-                used = set(self._group_eval.values())
-                self._pool = {k: v for k, v in self._pool.items() if k in used}
+        if not self._r_on_rows and cur["r"] is not None and cur["rlab"] is not None:
+            self._eval_id += 1
+            self._pool[self._eval_id] = {"r": cur["r"], "rlab": cur["rlab"]}
+            self._group_eval.update({k: self._eval_id for k in groups})
+            used = set(self._group_eval.values())
+            self._pool = {k: v for k, v in self._pool.items() if k in used}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -450,7 +450,10 @@ def with_cells(alert: Alert, centroids: Tensor) -> Alert:
     """The alert with each named cell's lost mass and centre (cells are groups here)."""
     if not alert.groups:
         return alert
-    ratio = alert.details.get("group_mass_ratio", {})
+    ratio = dict(alert.details.get("group_mass_ratio", {}))  # AlertRules' details
+    for g, d in alert.details.get("groups", {}).items():  # AlertEngine's details
+        if isinstance(d, dict) and d.get("mass_ratio") is not None:
+            ratio.setdefault(int(g), d["mass_ratio"])
     where = []
     for g in alert.groups:
         centre = centroids[g].tolist()

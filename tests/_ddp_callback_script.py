@@ -2,11 +2,15 @@
 
 Two monitors on one run: exact categorical KL from logits, and sampled forward KL with
 importance-weighted reverse (no model samples, so no RNG enters the numbers). The
-model does not learn (lr = 0), so both launches see the same model at every step.
+model does not learn (lr = 0), so both launches see the same model at every step;
+at step 3 a scripted fault (the same on every rank) moves the student's class 0, so
+the alert engine's paired evidence, reduced across ranks, must raise the same alerts.
+Each rank writes its monitors' alerts to OUTDIR/MODE_alerts_rankR.json.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import lightning.pytorch as pl
@@ -27,6 +31,10 @@ class Frozen(pl.LightningModule):
             self.student.weight.copy_(torch.randn(6, 3, generator=g))
 
     def training_step(self, batch, batch_idx):
+        if self.global_step == 3:  # the fault: class 0 takes most of the student's mass
+            with torch.no_grad():
+                self.student.bias[0] += 4.0
+                self.student.weight[:, 0] += 1.0
         return self.student(batch[0]).logsumexp(-1).mean()
 
     def configure_optimizers(self):
@@ -69,6 +77,9 @@ def main() -> None:
         enable_model_summary=False, log_every_n_steps=1,
     )
     trainer.fit(Frozen(), DataLoader(train, batch_size=4))
+    alerts = {m.prefix: [a.to_dict() for a in m.alerts] for m in monitors}
+    with open(f"{out}/{mode}_alerts_rank{trainer.global_rank}.json", "w") as fh:
+        json.dump(alerts, fh, default=str)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -49,3 +50,25 @@ def test_ddp_logged_values_equal_single_process(tmp_path):
         scale = max(abs(a), 1e-12)
         worst = max(worst, abs(a - b) / scale if abs(a - b) > 1e-12 else 0.0)
     assert worst < 1e-6, worst
+
+
+def test_ddp_alerts_equal_single_process(tmp_path):
+    """The alert engine's paired evidence is reduced across ranks: every rank raises
+    the alerts a single process raises, with the same numbers in the message."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for mode in ("single", "ddp"):
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), mode, str(tmp_path)],
+            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((tmp_path / "single_alerts_rank0.json").read_text())
+    for prefix in ("kl_logits", "kl_samples"):
+        assert single[prefix], single  # the scripted fault at step 3 is caught
+        assert all(a["step"] >= 4 for a in single[prefix]), single[prefix]
+    for rank in (0, 1):
+        ddp = json.loads((tmp_path / f"ddp_alerts_rank{rank}.json").read_text())
+        for prefix, alerts in single.items():
+            got = [(a["kind"], a["step"], a["groups"], a["message"]) for a in ddp[prefix]]
+            want = [(a["kind"], a["step"], a["groups"], a["message"]) for a in alerts]
+            assert got == want, (rank, prefix)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def test_reverse_run_alerts_and_names_a_dropped_mode(demo_run):
     assert alert["step"] < STEPS
     named = set(alert["groups"])
     assert named and named <= set(range(MODES)), alert
-    assert "modes dropped:" in alert["message"]
+    # the mass each named mode lost, in the message
+    assert alert["details"]["signature"] == "mode_dropping", alert
+    lost = re.findall(r"(\d+) lost (\d+)%", alert["message"])
+    assert {int(g) for g, _ in lost} == named and all(int(p) > 0 for _, p in lost), alert
 
     # compare with what the final model actually left uncovered
     mass = _final_mass(_runs(out)["reverse_kl_training"])
