@@ -222,7 +222,9 @@ def warn_kind_changed(
         )
 
 
-def log_line(trainer: Any, prefix: str, held: HeldOut | None, cadence: Any) -> None:
+def log_line(
+    trainer: Any, prefix: str, held: HeldOut | None, cadence: Any, inferred: int | None = None
+) -> None:
     """The monitor's first line, through Lightning's own logger (shown like its lines)."""
     if held is None:
         return
@@ -235,9 +237,13 @@ def log_line(trainer: Any, prefix: str, held: HeldOut | None, cadence: Any) -> N
         if every is not None
         else f"adaptive cadence within {cadence.overhead_budget:.0%} of training time"
     )
+    groups = (
+        f"; num_groups={inferred} inferred from the labels of the sanity evaluation"
+        if inferred else ""
+    )
     logging.getLogger(f"{namespace}.kl_monitor").info(
         f"KLMonitor(prefix={prefix!r}): held-out data from the {held.name}; {limit}; "
-        f"{schedule}."
+        f"{schedule}{groups}."
     )
 
 

@@ -7,9 +7,9 @@ held-out batch to a logged scalar and an alert:
 
 1. ``Evaluator.accumulate``: ``kl_inputs(batch)`` -> ``KLInputs`` -> ``metric.update_from``;
 2. ``Evaluator.compute``: ``metric.compute()`` -> a typed result (one host transfer);
-3. ``Evaluation.from_result`` -> ``AlertRules.update`` -> ``Alert`` objects (or, with
-   ``rules=AlertThresholds(...)``, ``PairedRows.evidence``: each series' change
-   against its baseline rows, paired row by row -> ``AlertEngine.update``);
+3. ``PairedRows.evidence`` (each series' change against its baseline rows, paired
+   row by row) -> ``AlertEngine.update`` -> ``Alert`` objects (sample-only inputs,
+   or ``rules=AlertRules()``: ``Evaluation.from_result`` -> ``AlertRules.update``);
 4. ``actions.evaluation_scalars`` (``tensorboard.scalars``) -> ``logger.log_metrics``;
 5. ``tensorboard.write_extras``: the alert as text and as a JSON record;
 6. ``actions.act_on_alerts``: warning, ``on_alert``, ``should_stop``.
@@ -126,7 +126,7 @@ class _KLMonitorLogic:
         self.every_n_train_steps = every_n_train_steps
         self.overhead_budget = float(overhead_budget)
         self.max_batches = max_batches
-        self.method, self.reduction, self.num_groups = method, reduction, num_groups
+        self.method, self.reduction = method, reduction
         self.prefix = prefix
         if rules is None or isinstance(rules, AlertThresholds):
             rules = AlertEngine(rules)
@@ -172,6 +172,11 @@ class _KLMonitorLogic:
         self._restored_kind: str | None = None
         self._cells_logged = False
 
+    @property
+    def num_groups(self) -> int | None:
+        """Groups of the labels: as given, or inferred from the first evaluation."""
+        return self.evaluator.config.num_groups
+
     # the checkpointed schedule lives in the cadence
     n_evals = property(lambda self: self.cadence.n_evals)
     last_eval_step = property(lambda self: self.cadence.last_eval_step)
@@ -209,7 +214,8 @@ class _KLMonitorLogic:
         started = self.cadence.clock()
         self._sanity(trainer, pl_module, 1 if self._continuing else self.max_batches)
         if trainer.is_global_zero:
-            compat.log_line(trainer, self.prefix, self.evaluator.held, self.cadence)
+            compat.log_line(trainer, self.prefix, self.evaluator.held, self.cadence,
+                            self.evaluator.inferred_groups)  # fmt: skip
         if trainer.is_global_zero and not self._layout_written:
             unit = _UNIT[self.reduction] if self.evaluator.kind == "logits" else "nats"
             self._layout_written = tb.write_layout(trainer.loggers, self.prefix, unit)
@@ -500,11 +506,15 @@ class KLMonitor(_KLMonitorLogic, *_callback_bases()):  # type: ignore[misc]
         method: estimator for sampled inputs: ``"cv"`` (default), ``"k3"``, ``"naive"``.
         reduction: for logits of shape (batch, seq, K): ``"token_mean"`` or
             ``"sequence_sum"``.
-        num_groups: number of group labels when ``KLInputs`` carries ``groups``.
+        num_groups: number of group labels (0..G−1) when ``KLInputs`` carries
+            ``groups``; ``None``: inferred at the sanity evaluation as 1 + the largest
+            label on any rank (logged). A later label ≥ G is an error naming
+            ``num_groups``, and that evaluation is skipped with a warning.
         prefix: tag prefix (default ``"kl"``).
-        rules: ``AlertRules`` (the level detectors; the default when ``None``), or
-            ``AlertThresholds`` / an ``AlertEngine`` for alerts from paired evidence
-            (``kl_monitor.alerting``).
+        rules: ``None`` (default) or ``AlertThresholds`` / an ``AlertEngine``: alerts
+            from paired evidence (``kl_monitor.alerting``; sample-only inputs fall
+            back to the level detectors), or ``AlertRules`` for 0.1.0's level
+            detectors on every input.
         on_alert: called with each ``Alert``.
         stop_on: alert kinds that stop training, e.g. ``("collapse",)``.
         log_histograms: log per-sample log-ratio histograms to TensorBoard.

@@ -12,6 +12,7 @@ the metric across ranks (a collective) and returns its typed result.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -125,13 +126,20 @@ class Evaluator:
         self.cells: torch.Tensor | None = None
         #: per-row values for paired evidence (``PairedRows``), or ``None``
         self.pairing: Any = None
+        #: num_groups inferred from the first evaluation's labels (``None``: given, or
+        #: no labels)
+        self.inferred_groups: int | None = None
 
     def reset(self) -> None:
         if self.metric is not None:
             self.metric.reset()
 
     def accumulate(self, trainer: Any, pl_module: Any, limit: int, seed: int) -> None:
-        """Feed this rank's held-out batches (at most ``limit``) to the metric (no collective)."""
+        """Feed this rank's held-out batches (at most ``limit``) to the metric.
+
+        No collective, except at the first evaluation without ``num_groups``: the
+        ranks agree on the number of groups (1 + the largest label on any rank).
+        """
         device = pl_module.device
         self.histogram = None
         self.reset()
@@ -139,25 +147,74 @@ class Evaluator:
         if self.pairing is not None:
             self.pairing.start()
         held = self.held_out(trainer, limit)
+        # without num_groups, the first evaluation's labels (agreed across ranks) set it
+        infer = self.metric is None and self.config.num_groups is None
+        pending: list[KLInputs] = []
+        error: Exception | None = None
         with _isolated_rng(device, seed), torch.no_grad(), compat.validation_mode(pl_module):
             seen = 0
-            for batch in self._batches(trainer, min(limit, held.limit)):
-                seen += 1
-                # as Lightning's own validation: precision, batch hooks, step context
-                batch = compat.prepare_batch(trainer, pl_module, batch, held.index)
-                with compat.step_context(trainer):
-                    items = self._inputs(pl_module, batch)
-                for inputs in items:
-                    compat.check_inputs_device(inputs, device)
-                    values = self._metric_for(inputs, device).update_from(inputs)
-                    if self.pairing is not None:
-                        self.pairing.add(inputs, self.metric)
-                    if keep_hist and self.histogram is None:
-                        values = values.reshape(-1)
-                        values = values[torch.isfinite(values)][:HIST_VALUES]
-                        self.histogram = values.detach().float().cpu()
+            try:
+                for batch in self._batches(trainer, min(limit, held.limit)):
+                    seen += 1
+                    # as Lightning's own validation: precision, batch hooks, step context
+                    batch = compat.prepare_batch(trainer, pl_module, batch, held.index)
+                    with compat.step_context(trainer):
+                        items = self._inputs(pl_module, batch)
+                    for inputs in items:
+                        compat.check_inputs_device(inputs, device)
+                        if infer:
+                            pending.append(inputs)
+                        else:
+                            self._feed(inputs, device, keep_hist)
+            except Exception as err:  # every rank must reach the agreement below
+                error = err
+            if infer:
+                self._infer_num_groups(trainer, pending, device, failed=error is not None)
+            if error is not None:
+                raise error
+            for inputs in pending:
+                self._feed(inputs, device, keep_hist)
         if self.metric is None or not seen:  # e.g. a one-shot iterator, exhausted
             raise ValueError("the held-out dataloader yielded no batch on this rank.")
+
+    def _feed(self, inputs: KLInputs, device: torch.device, keep_hist: bool) -> None:
+        """One ``KLInputs`` into the metric, the pairing and the histogram."""
+        try:
+            values = self._metric_for(inputs, device).update_from(inputs)
+        except ValueError as err:
+            if self.inferred_groups is None or "outside [0," not in str(err):
+                raise
+            raise ValueError(
+                f"{err} `num_groups` was inferred as {self.inferred_groups} from the labels "
+                "of the first evaluation (KLMonitor(num_groups=None)); pass "
+                "KLMonitor(num_groups=G) with the number of distinct labels 0..G-1."
+            ) from err
+        if self.pairing is not None:
+            self.pairing.add(inputs, self.metric)
+        if keep_hist and self.histogram is None:
+            values = values.reshape(-1)
+            values = values[torch.isfinite(values)][:HIST_VALUES]
+            self.histogram = values.detach().float().cpu()
+
+    def _infer_num_groups(
+        self, trainer: Any, pending: list[KLInputs], device: torch.device, failed: bool
+    ) -> None:
+        """num_groups = 1 + the largest label on any rank (a collective), if any."""
+        local = -1
+        for inputs in pending:
+            for labels in (inputs.groups, inputs.model_samples_groups):
+                if labels is not None and labels.numel() and not labels.is_floating_point():
+                    local = max(local, int(labels.max()))
+        mine = torch.tensor([local + 1, int(failed)], dtype=torch.int64, device=device)
+        every = trainer.strategy.all_gather(mine).reshape(-1, 2)
+        if failed or bool(every[:, 1].any()):
+            if not failed:
+                raise RuntimeError("another rank failed in the first evaluation.")
+            return
+        found = int(every[:, 0].max())
+        if found > 0:
+            self.config = dataclasses.replace(self.config, num_groups=found)
+            self.inferred_groups = found
 
     def compute(self) -> KLResult:
         """The typed result over every rank's batches (a collective), then reset."""

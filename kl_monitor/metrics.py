@@ -894,9 +894,11 @@ class SampledKL(_SampleMetric):
     ) -> None:
         has_model = model_log_q is not None
         labels = self._labels(groups, log_p, "groups", "log_p")
+        # Unlabelled model samples still give the global reverse KL; per-group reverse
+        # KL and mass need `model_groups` and are simply not reported without them.
         model_labels = (
             self._labels(model_groups, model_log_q, "model_groups", "model_log_q")
-            if has_model else None
+            if has_model and model_groups is not None else None
         )
         # compute both batches before storing either: a rejected batch adds nothing
         ref_batch = self._sample_batch(log_p, log_q, labels, ("log_p", "log_q"))

@@ -617,8 +617,13 @@ def test_bad_groups() -> None:
     with pytest.raises(ValueError, match=r"shape \(3,\).*got \(3, 4\)"):
         s.update(logits, logits, groups=torch.zeros(3, 4, dtype=torch.long))
     sk = SampledKL(num_groups=2)
-    with pytest.raises(ValueError, match="model_groups"):
-        sk.update(lp, lq, lp, lq, groups=torch.zeros(10, dtype=torch.long))
+    # model samples without labels (issue 12): the global reverse KL comes from them;
+    # per-group reverse KL and mass are not reported (no importance-weighted stand-in)
+    sk.update(lp, lq, lp - 0.5, lq, groups=torch.zeros(10, dtype=torch.long))
+    out = sk.compute()
+    assert out.reverse_estimator == "model_samples" and out.reverse.value == pytest.approx(-0.5)
+    assert dict(out.group_reverse) == {} and "reverse_mass/group_0" not in out
+    sk.reset()
     with pytest.raises(TypeError, match="model_groups.*integer"):
         sk.update(lp, lq, lp, lq, torch.zeros(10, dtype=torch.long), torch.zeros(10))
     # a bad model batch is rejected before the (good) reference batch is stored
