@@ -73,17 +73,20 @@ def _sums(now: Tensor, base: Tensor, lab: Tensor | None, blab: Tensor | None, g:
     return torch.cat(out)
 
 
-def _change(s: list[float], paired: bool, n: float | None = None) -> Change:
-    """A Change from the six sums; `n` overrides the count (conditional means)."""
+def _change(s: list[float], paired: bool, n: float | None = None,
+            df: float | None = None) -> Change:  # fmt: skip
+    """A Change from the six sums; `n` overrides the count (conditional means), `df`
+    the degrees of freedom (the rows carrying a group's contribution, less one)."""
     count = s[0] if n is None else n
     if paired:
-        return Change.from_sums(count, s[1], s[3], s[5])
+        return Change.from_sums(count, s[1], s[3], s[5], df)
     if count <= 1:
         return Change(s[1] / max(count, 1), s[3] / max(count, 1), float("inf"))
     m1, m0 = s[1] / count, s[3] / count
     v1 = max(s[2] / count - m1 * m1, 0.0) if abs(m1) != float("inf") else 0.0
     v0 = max(s[4] / count - m0 * m0, 0.0) if abs(m0) != float("inf") else 0.0
-    return Change(m1, m0, ((v1 + v0) / (count - 1)) ** 0.5)
+    return Change(m1, m0, ((v1 + v0) / (count - 1)) ** 0.5,
+                  float(count - 1 if df is None else df))  # fmt: skip
 
 
 class PairedRows:
@@ -262,13 +265,11 @@ class PairedRows:
                 return parts, layout
         if cur["r"] is not None and cur["rlab"] is not None:  # model samples
             rev, mass = self._sample_groups(cur, g)
-            parts.append(rev)
-            layout.append("group_reverse")
-            if cur["h"] is None and cur["fp"] is not None:
-                # log densities: a sample's group is where the model put it (its mass);
-                # a generation's group is its prompt's, which the model cannot move
-                parts.append(mass)
-                layout.append("group_mass")
+            parts += [rev, mass]
+            # log densities: a sample's group is where the model put it (its mass); a
+            # generation's group is its prompt's, which the model cannot move: counts only
+            mass_is_mass = cur["h"] is None and cur["fp"] is not None
+            layout += ["group_reverse", "group_mass" if mass_is_mass else "sample_count"]
         return parts, layout
 
     def _sample_groups(self, cur: dict[str, Tensor | None], g: int) -> tuple[Tensor, Tensor]:
@@ -305,12 +306,20 @@ class PairedRows:
             n_g = [row[1] for row in blocks["count"]]
             ev["reference_rows"] = n
             ev["group_reference_mass"] = {k: n_g[k] / n for k in range(g) if n_g[k] > 0}
-            ev["group_forward"] = {k: _change(blocks["group_forward"][k], paired)
+            ev["group_forward"] = {k: _change(blocks["group_forward"][k], paired, df=n_g[k] - 1)
                                    for k in ev["group_reference_mass"]}  # fmt: skip
         if g:
-            for name in ("group_reverse", "group_mass"):
-                if name in blocks:
-                    ev[name] = {k: _change(s, paired) for k, s in enumerate(blocks[name])}
+            counts = blocks.get("group_mass") or blocks.get("sample_count")
+            if "group_reverse" in blocks:
+                # the rows (or model samples) in the group carry its contribution
+                carried = [row[1] for row in counts] if counts else n_g
+                ev["group_reverse"] = {
+                    k: _change(s, paired, df=max(carried[k] - 1, 0.0))
+                    for k, s in enumerate(blocks["group_reverse"])
+                }
+            if "group_mass" in blocks:
+                mass = blocks["group_mass"]
+                ev["group_mass"] = {k: _change(s, paired) for k, s in enumerate(mass)}
             if "group_entropy" in blocks:
                 seen = ev["group_reference_mass"]
                 ent = blocks["group_entropy"]
