@@ -149,6 +149,7 @@ class _KLMonitorLogic:
         self._fresh_rules = copy.deepcopy(self.rules.state_dict())
         self._reset_run()
         self._layout_written = False
+        self._layout: tuple[str, list[int] | None] = ("nats", None)
         self._trainer_ref: Callable[[], Any] | None = None
         self._continuing, self._sanity_seconds = False, 0.0
 
@@ -204,6 +205,7 @@ class _KLMonitorLogic:
             self._reset_run()
             self.evaluator.kind, self.evaluator.metric = None, None
             self._layout_written = False
+        self._layout: tuple[str, list[int] | None] = ("nats", None)
         self._trainer_ref = weakref.ref(trainer)
         self.evaluator.held = None
 
@@ -219,6 +221,7 @@ class _KLMonitorLogic:
         if trainer.is_global_zero and not self._layout_written:
             unit = _UNIT[self.reduction] if self.evaluator.kind == "logits" else "nats"
             self._layout_written = tb.write_layout(trainer.loggers, self.prefix, unit)
+            self._layout = (unit, None)  # the unit, and the groups the charts show
         self._sanity_seconds = self.cadence.clock() - started  # all of it is budgeted
 
     def _sanity(self, trainer: Any, pl_module: Any, limit: int) -> None:
@@ -340,6 +343,7 @@ class _KLMonitorLogic:
         actions.log_scalars(trainer, scalars, step)
         if trainer.is_global_zero:
             tb.write_extras(trainer.loggers, self.prefix, step, self.evaluator.histogram, fired)
+            _show_top_groups(self, trainer, result)
         if in_step and self.prog_bar:
             actions.show_in_progress_bar(pl_module, self.prefix, result)
         actions.act_on_alerts(trainer, fired, self.on_alert, self.stop_on)
@@ -405,6 +409,19 @@ def _restore_monitor_state(monitor: _KLMonitorLogic, state_dict: dict[str, Any])
         monitor.evaluator.cells = torch.tensor(cells, dtype=torch.float64)
         if monitor.evaluator.metric is not None:
             monitor.evaluator.metric.centroids = monitor.evaluator.cells
+
+
+def _show_top_groups(monitor: _KLMonitorLogic, trainer: Any, result: KLResult) -> None:
+    """With many groups, point the per-group charts at the top groups (and the alerted)."""
+    if not monitor._layout_written:
+        return
+    unit, shown = monitor._layout
+    engine = monitor.rules if isinstance(monitor.rules, AlertEngine) else None
+    alerted = engine.groups if engine is not None and engine.open else ()
+    top = tb.top_groups(result, alerted)
+    if top is not None and top != shown:
+        tb.write_layout(trainer.loggers, monitor.prefix, unit, top)
+        monitor._layout = (unit, top)
 
 
 def _engine_alerts(monitor: _KLMonitorLogic, trainer: Any, step: int) -> list[Alert]:

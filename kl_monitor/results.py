@@ -219,6 +219,24 @@ class _BothDirections(KLResult):
         """Per group, the weight the alert rules compare with its baseline."""
         raise NotImplementedError
 
+    def contributions(self) -> dict[int, float]:
+        """Per group, its part of the forward KL in nats: (n_g / Σn) · KL_g.
+
+        The parts add up to the (naive) forward KL; a group matters by its part, not by
+        its conditional KL (a rare group can have a large KL and move nothing).
+
+        Examples:
+            >>> est = DirectionEstimate(0.3, 0.01, 4.0, "naive")
+            >>> r = SampledResult(forward=est, reverse=est, group_forward={
+            ...     0: GroupEstimate(0.1, 0.0, 3.0), 1: GroupEstimate(0.9, 0.0, 1.0)})
+            >>> {g: round(c, 3) for g, c in r.contributions().items()}
+            {0: 0.075, 1: 0.225}
+        """
+        total = sum(ge.n for ge in self.group_forward.values())
+        if not total:
+            return {}
+        return {g: ge.n / total * ge.value for g, ge in sorted(self.group_forward.items())}
+
     def bands(self) -> _Pairs:
         """``<direction>_lower``/``_upper``: value ∓ 2 stderr where stderr is finite."""
         out: _Pairs = []

@@ -18,7 +18,8 @@ import torch
 
 from .results import DIRECTIONS
 
-__all__ = ["ALERT_RECORDS", "alert_record", "alert_text", "layout", "scalars"]
+__all__ = ["ALERT_RECORDS", "TOP_GROUPS", "alert_record", "alert_text", "layout", "scalars",
+           "top_groups"]
 
 #: Tag suffix of the machine-readable alert entries (one JSON object each).
 ALERT_RECORDS = "alert_records"
@@ -33,6 +34,9 @@ def scalars(prefix: str, result: Any) -> dict[str, float]:
     evaluation) and log a categorical group's share of the rows as ``mass/group_<g>``.
     """
     pairs = list(result.logged_pairs()) + list(result.bands())
+    contributions = getattr(result, "contributions", None)
+    if contributions is not None:
+        pairs += [(f"forward_contribution/group_{g}", v) for g, v in contributions().items()]
     # TensorBoard silently drops ±inf and NaN, and a line that disappears reads as "no
     # data": an infinite KL (support violation) is carried by its finite companions
     # (`<direction>_shared`, the masses outside the other's support) and by
@@ -40,11 +44,30 @@ def scalars(prefix: str, result: Any) -> dict[str, float]:
     return {f"{prefix}/{key}": value for key, value in pairs if math.isfinite(value)}
 
 
-def layout(prefix: str, unit: str = "nats") -> dict[str, dict[str, list[Any]]]:
+#: With more groups than this, the per-group charts show the top groups only.
+TOP_GROUPS = 8
+
+
+def top_groups(result: Any, alerted: Iterable[int] = (), k: int = TOP_GROUPS) -> list[int] | None:
+    """The k groups with the largest part of the forward KL, and the alerted ones.
+
+    ``None`` when there are at most k groups (every group is shown).
+    """
+    parts = getattr(result, "contributions", dict)()
+    if len(parts) <= k:
+        return None
+    order = sorted(parts, key=lambda g: (-parts[g] if math.isfinite(parts[g]) else -math.inf, g))
+    return sorted(set(order[:k]) | set(alerted))
+
+
+def layout(
+    prefix: str, unit: str = "nats", groups: Sequence[int] | None = None
+) -> dict[str, dict[str, list[Any]]]:
     """Custom-scalars layout: margin charts (value ± 2 stderr) and both directions.
 
     ``unit`` goes into every chart title, so a per-token mean is never read as a
-    per-sequence sum.
+    per-sequence sum. ``groups``: the groups the per-group charts show (``None``: all);
+    with many groups, the top ones by their part of the forward KL (``top_groups``).
     """
     charts: dict[str, list[Any]] = {
         f"{d} KL ± 2 stderr ({unit})": [
@@ -69,9 +92,20 @@ def layout(prefix: str, unit: str = "nats") -> dict[str, dict[str, list[Any]]]:
     charts["support mismatch: mass outside the other's support (per row)"] = [
         "Multiline", [rf"^{prefix}/(model|reference)_mass_outside$"],
     ]
-    charts["per-group forward KL"] = ["Multiline", [rf"^{prefix}/forward/group_\d+$"]]
-    charts["per-group reverse KL"] = ["Multiline", [rf"^{prefix}/reverse/group_\d+$"]]
-    charts["per-group mass"] = ["Multiline", [rf"^{prefix}/(reverse_)?mass/group_\d+$"]]
+    which = r"\d+" if groups is None else "(" + "|".join(str(g) for g in groups) + ")"
+    top = "" if groups is None else f", top {len(groups)} groups by part of forward KL"
+    charts[f"per-group part of forward KL ({unit}{top})"] = [
+        "Multiline", [rf"^{prefix}/forward_contribution/group_{which}$"],
+    ]
+    charts[f"per-group forward KL ({unit}{top})"] = [
+        "Multiline", [rf"^{prefix}/forward/group_{which}$"],
+    ]
+    charts[f"per-group reverse KL ({unit}{top})"] = [
+        "Multiline", [rf"^{prefix}/reverse/group_{which}$"],
+    ]
+    charts[f"per-group mass (share{top})"] = [
+        "Multiline", [rf"^{prefix}/(reverse_)?mass/group_{which}$"],
+    ]
     charts["alerts"] = ["Multiline", [rf"^{prefix}/alert/"]]
     return {f"KL monitor ({prefix})": charts}
 
@@ -93,15 +127,18 @@ def _writers(loggers: Iterable[Any]) -> list[Any]:
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def write_layout(loggers: Iterable[Any], prefix: str, unit: str = "nats") -> bool:
+def write_layout(
+    loggers: Iterable[Any], prefix: str, unit: str = "nats", groups: Sequence[int] | None = None
+) -> bool:
     """Add this prefix's layout to every TensorBoard logger, keeping the others'.
 
-    Returns True if there was a TensorBoard logger.
+    Returns True if there was a TensorBoard logger. Written again when the top groups
+    change: TensorBoard shows the last layout of a run.
     """
     writers = _writers(loggers)
     for writer in writers:
         merged = _LAYOUTS.setdefault(writer, {})
-        merged.update(layout(prefix, unit))
+        merged.update(layout(prefix, unit, groups))
         writer.add_custom_scalars(dict(merged))
     return bool(writers)
 
