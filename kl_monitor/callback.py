@@ -219,8 +219,10 @@ class _KLMonitorLogic:
             compat.log_line(trainer, self.prefix, self.evaluator.held, self.cadence,
                             self.evaluator.inferred_groups)  # fmt: skip
         if trainer.is_global_zero and not self._layout_written:
-            unit = _UNIT[self.reduction] if self.evaluator.kind == "logits" else "nats"
-            self._layout_written = tb.write_layout(trainer.loggers, self.prefix, unit)
+            logits = self.evaluator.kind == "logits"
+            unit = _UNIT[self.reduction] if logits else "nats"
+            self._layout_written = tb.write_layout(trainer.loggers, self.prefix, unit,
+                                                   logits=logits)  # fmt: skip
             self._layout = (unit, None)  # the unit, and the groups the charts show
         self._sanity_seconds = self.cadence.clock() - started  # all of it is budgeted
 
@@ -420,7 +422,8 @@ def _show_top_groups(monitor: _KLMonitorLogic, trainer: Any, result: KLResult) -
     alerted = engine.groups if engine is not None and engine.open else ()
     top = tb.top_groups(result, alerted)
     if top is not None and top != shown:
-        tb.write_layout(trainer.loggers, monitor.prefix, unit, top)
+        logits = monitor.evaluator.kind == "logits"
+        tb.write_layout(trainer.loggers, monitor.prefix, unit, top, logits)
         monitor._layout = (unit, top)
 
 

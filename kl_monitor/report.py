@@ -124,6 +124,7 @@ def _alert(record: dict) -> dict:
         "step": int(record["step"]),
         "statistic": float(record["statistic"]),
         "groups": [str(g) for g in record.get("groups", [])],
+        "update": bool((record.get("details") or {}).get("update", False)),
     }
 
 
@@ -173,8 +174,10 @@ def summary_table(runs: list[Run], prefix: str = "kl") -> str:
         if run.alerts:
             for a in sorted(run.alerts, key=lambda a: a["step"]):
                 groups = ", ".join(a["groups"]) or "-"
+                # an engine episode's later alerts update its first (same event)
+                label = "update" if a.get("update") else "ALERT"
                 lines.append(
-                    f"{'':<24} ALERT     {a['kind']} at step {a['step']} "
+                    f"{'':<24} {label:<9} {a['kind']} at step {a['step']} "
                     f"(statistic {a['statistic']:.2f}; groups: {groups})"
                 )
         else:

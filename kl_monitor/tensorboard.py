@@ -61,13 +61,15 @@ def top_groups(result: Any, alerted: Iterable[int] = (), k: int = TOP_GROUPS) ->
 
 
 def layout(
-    prefix: str, unit: str = "nats", groups: Sequence[int] | None = None
+    prefix: str, unit: str = "nats", groups: Sequence[int] | None = None, logits: bool = True
 ) -> dict[str, dict[str, list[Any]]]:
     """Custom-scalars layout: margin charts (value ± 2 stderr) and both directions.
 
     ``unit`` goes into every chart title, so a per-token mean is never read as a
     per-sequence sum. ``groups``: the groups the per-group charts show (``None``: all);
     with many groups, the top ones by their part of the forward KL (``top_groups``).
+    ``logits=False`` leaves out the charts only logits inputs fill (support mismatch,
+    teacher-forced diagnostics), which would be empty.
     """
     charts: dict[str, list[Any]] = {
         f"{d} KL ± 2 stderr ({unit})": [
@@ -81,17 +83,18 @@ def layout(
         [rf"^{prefix}/(forward|reverse)$"],  # regexes: anchor, or every forward_* matches
     ]
     charts[f"asymmetry: forward − reverse ({unit})"] = ["Multiline", [rf"^{prefix}/asymmetry$"]]
-    # the other direction summed along rows it is not valid on: its own chart, never
-    # mixed into the forward/reverse ones
-    charts[f"teacher-forced diagnostics, not sequence-level KL ({unit})"] = [
-        "Multiline", [rf"^{prefix}/(forward|reverse)_on_(model|reference)_samples$"],
-    ]
-    charts[f"support mismatch: KL on the shared support ({unit})"] = [
-        "Multiline", [rf"^{prefix}/(forward|reverse)_shared$"],
-    ]
-    charts["support mismatch: mass outside the other's support (per row)"] = [
-        "Multiline", [rf"^{prefix}/(model|reference)_mass_outside$"],
-    ]
+    if logits:
+        # the other direction summed along rows it is not valid on: its own chart,
+        # never mixed into the forward/reverse ones
+        charts[f"teacher-forced diagnostics, not sequence-level KL ({unit})"] = [
+            "Multiline", [rf"^{prefix}/(forward|reverse)_on_(model|reference)_samples$"],
+        ]
+        charts[f"support mismatch: KL on the shared support ({unit})"] = [
+            "Multiline", [rf"^{prefix}/(forward|reverse)_shared$"],
+        ]
+        charts["support mismatch: mass outside the other's support (per row)"] = [
+            "Multiline", [rf"^{prefix}/(model|reference)_mass_outside$"],
+        ]
     which = r"\d+" if groups is None else "(" + "|".join(str(g) for g in groups) + ")"
     top = "" if groups is None else f", top {len(groups)} groups by part of forward KL"
     charts[f"per-group part of forward KL ({unit}{top})"] = [
@@ -128,8 +131,9 @@ _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictio
 
 
 def write_layout(
-    loggers: Iterable[Any], prefix: str, unit: str = "nats", groups: Sequence[int] | None = None
-) -> bool:
+    loggers: Iterable[Any], prefix: str, unit: str = "nats", groups: Sequence[int] | None = None,
+    logits: bool = True,
+) -> bool:  # fmt: skip
     """Add this prefix's layout to every TensorBoard logger, keeping the others'.
 
     Returns True if there was a TensorBoard logger. Written again when the top groups
@@ -138,7 +142,7 @@ def write_layout(
     writers = _writers(loggers)
     for writer in writers:
         merged = _LAYOUTS.setdefault(writer, {})
-        merged.update(layout(prefix, unit, groups))
+        merged.update(layout(prefix, unit, groups, logits))
         writer.add_custom_scalars(dict(merged))
     return bool(writers)
 
