@@ -320,23 +320,7 @@ class _KLMonitorLogic:
             self._skip(trainer, err)
             return None
         self.cadence.record(step)
-        fired = _engine_alerts(self, trainer, step)
-        levels = self.rules if isinstance(self.rules, AlertRules) else None
-        if levels is None and isinstance(result, SamplesResult):
-            levels = self.sample_rules
-        if levels is not None:
-            fired = levels.update(Evaluation.from_result(step, result))
-        # the leaked-mass series always learns; its alert is one more over-dispersion
-        # explanation, reported unless the KL rules reported that kind at this evaluation
-        leaks = self.leak_rule.update(step, result)
-        kinds = getattr(self.rules, "kinds", ALERT_KINDS)
-        if "over_dispersion" in kinds and not any(a.kind == "over_dispersion" for a in fired):
-            fired += leaks
-        cells = sample_metrics.cells_as_groups(result)
-        if cells is not None:
-            fired = [sample_metrics.with_cells(alert, cells) for alert in fired]
-            if trainer.is_global_zero and not self._cells_logged:
-                self._cells_logged = tb.write_cells(trainer.loggers, self.prefix, step, cells)
+        fired = _alerts_of(self, trainer, step, result)
         self.alerts.extend(fired)
         engine = self.rules if isinstance(self.rules, AlertEngine) else None
         open_kind = engine.kind if engine is not None and engine.open else None
@@ -411,6 +395,31 @@ def _restore_monitor_state(monitor: _KLMonitorLogic, state_dict: dict[str, Any])
         monitor.evaluator.cells = torch.tensor(cells, dtype=torch.float64)
         if monitor.evaluator.metric is not None:
             monitor.evaluator.metric.centroids = monitor.evaluator.cells
+
+
+def _alerts_of(
+    monitor: _KLMonitorLogic, trainer: Any, step: int, result: KLResult
+) -> list[Alert]:
+    """This evaluation's alerts: the engine's (paired), or the level detectors' for
+    sample-only inputs and ``rules=AlertRules()``, plus the leaked-mass series'."""
+    fired = _engine_alerts(monitor, trainer, step)
+    levels = monitor.rules if isinstance(monitor.rules, AlertRules) else None
+    if levels is None and isinstance(result, SamplesResult):
+        levels = monitor.sample_rules
+    if levels is not None:
+        fired = levels.update(Evaluation.from_result(step, result))
+    # the leaked-mass series always learns; its alert is one more over-dispersion
+    # explanation, reported unless the KL rules reported that kind at this evaluation
+    leaks = monitor.leak_rule.update(step, result)
+    kinds = getattr(monitor.rules, "kinds", ALERT_KINDS)
+    if "over_dispersion" in kinds and not any(a.kind == "over_dispersion" for a in fired):
+        fired += leaks
+    cells = sample_metrics.cells_as_groups(result)
+    if cells is not None:
+        fired = [sample_metrics.with_cells(alert, cells) for alert in fired]
+        if trainer.is_global_zero and not monitor._cells_logged:
+            monitor._cells_logged = tb.write_cells(trainer.loggers, monitor.prefix, step, cells)
+    return fired
 
 
 def _show_top_groups(monitor: _KLMonitorLogic, trainer: Any, result: KLResult) -> None:

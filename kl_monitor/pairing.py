@@ -89,6 +89,50 @@ def _change(s: list[float], paired: bool, n: float | None = None,
                   float(count - 1 if df is None else df))  # fmt: skip
 
 
+def _evidence(step: int, total: Tensor, layout: list[str], g: int, paired: bool) -> Evidence:
+    """The Evidence from every series' six sums (reduced across ranks), by layout."""
+    vals = total.tolist()
+    blocks: dict[str, list[list[float]]] = {}
+    i = 0
+    for name in layout:
+        k = 1 if name in ("forward", "reverse", "tokens") else g
+        blocks[name] = [vals[i + j * _NSUM : i + (j + 1) * _NSUM] for j in range(k)]
+        i += k * _NSUM
+    ev: dict[str, Any] = {
+        name: _change(blocks[name][0], paired) for name in ("forward", "reverse")
+        if name in blocks
+    }  # fmt: skip
+    if "tokens" in blocks and blocks["tokens"][0][0] > 0:
+        ev["unit_tokens"] = blocks["tokens"][0][1] / blocks["tokens"][0][0]
+    if g and "count" in blocks:
+        n = blocks["forward"][0][0]
+        n_g = [row[1] for row in blocks["count"]]
+        ev["reference_rows"] = n
+        ev["group_reference_mass"] = {k: n_g[k] / n for k in range(g) if n_g[k] > 0}
+        ev["group_forward"] = {k: _change(blocks["group_forward"][k], paired, df=n_g[k] - 1)
+                               for k in ev["group_reference_mass"]}  # fmt: skip
+    if g:
+        counts = blocks.get("group_mass") or blocks.get("sample_count")
+        if "group_reverse" in blocks:
+            # the rows (or model samples) in the group carry its contribution
+            carried = [row[1] for row in counts] if counts else n_g
+            ev["group_reverse"] = {
+                k: _change(s, paired, df=max(carried[k] - 1, 0.0))
+                for k, s in enumerate(blocks["group_reverse"])
+            }
+        if "group_mass" in blocks:
+            mass = blocks["group_mass"]
+            ev["group_mass"] = {k: _change(s, paired) for k, s in enumerate(mass)}
+        if "group_entropy" in blocks:
+            seen = ev["group_reference_mass"]
+            ent = blocks["group_entropy"]
+            ev["group_entropy"] = {k: _change(ent[k], paired, n_g[k]) for k in seen}
+            ev["group_entropy_reference"] = {
+                k: blocks["entropy_reference"][k][1] / n_g[k] for k in seen
+            }
+    return Evidence(step, **ev)
+
+
 class PairedRows:
     """Collects one evaluation's per-row values and pairs them with the baselines.
 
@@ -235,7 +279,7 @@ class PairedRows:
         parts, layout = self._parts(cur, g)
         total = torch.cat([p.reshape(-1) for p in parts])
         total = reduce(total) if reduce is not None else total
-        return self._build(step, total, layout, g, cur)
+        return _evidence(step, total, layout, g, self.paired)
 
     def _parts(self, cur: dict[str, Tensor | None], g: int) -> tuple[list[Tensor], list[str]]:
         rows, glob = self._rows, self._global
@@ -283,51 +327,6 @@ class PairedRows:
             rev[idx] = _sums(cur["r"], b["r"], cur["rlab"], b["rlab"], g)[1:][idx]
             mass[idx] = _sums(ones, torch.ones_like(b["r"]), cur["rlab"], b["rlab"], g)[1:][idx]
         return rev, mass
-
-    def _build(
-        self, step: int, total: Tensor, layout: list[str], g: int, cur: dict[str, Tensor | None]
-    ) -> Evidence:
-        vals = total.tolist()
-        blocks: dict[str, list[list[float]]] = {}
-        i = 0
-        for name in layout:
-            k = 1 if name in ("forward", "reverse", "tokens") else g
-            blocks[name] = [vals[i + j * _NSUM : i + (j + 1) * _NSUM] for j in range(k)]
-            i += k * _NSUM
-        paired = self.paired
-        ev: dict[str, Any] = {
-            name: _change(blocks[name][0], paired) for name in ("forward", "reverse")
-            if name in blocks
-        }  # fmt: skip
-        if "tokens" in blocks and blocks["tokens"][0][0] > 0:
-            ev["unit_tokens"] = blocks["tokens"][0][1] / blocks["tokens"][0][0]
-        if g and "count" in blocks:
-            n = blocks["forward"][0][0]
-            n_g = [row[1] for row in blocks["count"]]
-            ev["reference_rows"] = n
-            ev["group_reference_mass"] = {k: n_g[k] / n for k in range(g) if n_g[k] > 0}
-            ev["group_forward"] = {k: _change(blocks["group_forward"][k], paired, df=n_g[k] - 1)
-                                   for k in ev["group_reference_mass"]}  # fmt: skip
-        if g:
-            counts = blocks.get("group_mass") or blocks.get("sample_count")
-            if "group_reverse" in blocks:
-                # the rows (or model samples) in the group carry its contribution
-                carried = [row[1] for row in counts] if counts else n_g
-                ev["group_reverse"] = {
-                    k: _change(s, paired, df=max(carried[k] - 1, 0.0))
-                    for k, s in enumerate(blocks["group_reverse"])
-                }
-            if "group_mass" in blocks:
-                mass = blocks["group_mass"]
-                ev["group_mass"] = {k: _change(s, paired) for k, s in enumerate(mass)}
-            if "group_entropy" in blocks:
-                seen = ev["group_reference_mass"]
-                ent = blocks["group_entropy"]
-                ev["group_entropy"] = {k: _change(ent[k], paired, n_g[k]) for k in seen}
-                ev["group_entropy_reference"] = {
-                    k: blocks["entropy_reference"][k][1] / n_g[k] for k in seen
-                }
-        return Evidence(step, **ev)
 
     def rebase(self, decision: Decision) -> None:
         """Keep the current evaluation as the baseline the decision names."""
