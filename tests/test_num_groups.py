@@ -71,8 +71,10 @@ def test_a_later_label_beyond_the_inferred_count_is_a_clear_error_and_a_skip():
 @pytest.mark.parametrize("mode", ["single", "ddp"])
 def test_ranks_agree_on_the_inferred_count(tmp_path, mode):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in range(2 if mode == "ddp" else 1):
         got = json.loads((tmp_path / f"{mode}_rank{rank}.json").read_text())
