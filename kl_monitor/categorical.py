@@ -1,4 +1,4 @@
-"""Exact categorical KL between logits: the kernel behind ``categorical_kl``.
+r"""Exact categorical KL between logits: the kernel behind ``categorical_kl``.
 
 Both directions, both entropies and the support-mismatch figures per row, from one
 exp per logit and seven row sums (see :func:`categorical_kl_rows`). Two code paths
@@ -13,6 +13,68 @@ compute the same sums:
   C++/OpenMP on CPU, Triton on CUDA), one kernel that reads each logit once from
   memory. It falls back to the eager path, with one warning, when compilation is
   unavailable or fails.
+
+**``categorical_kl_rows``.** Inputs ``(..., K)`` are flattened to rows; outputs have
+the leading shape and a float32 (float64 for float64 input) dtype. Rows with NaN or
++inf logits, or all logits −inf on either side, are flagged invalid and get zeros.
+
+Per row, with x, y the logits of P, Q, xs = x − max x, ys = y − max y,
+ex = exp(xs), ey = exp(ys) and d = xs − ys, everything follows from seven sums:
+
+    D(P‖Q) = Σex·d / Σex − g,   D(Q‖P) = g − Σey·d / Σey,
+    H(P) = log Σex − Σex·xs / Σex,   H(Q) = log Σey − Σey·ys / Σey,
+
+where g = log(Σex / Σey) = log1p(Σ(ex − ey) / Σey). Taking g from the sum of the
+differences, and d from the shifted logits, keeps small KLs (P ≈ Q) accurate: no
+difference of two log-sum-exps. One exp per logit, plain sums (no matmul, so
+TF32/bf16 matmul settings cannot touch the precision), in a preallocated buffer.
+Rows holding −inf logits (probability 0) are recomputed with masking: 0·log 0 = 0,
+and mass on a class the other side gives probability 0 makes that KL ``+inf``.
+
+Support mismatch (``support=True``). With supp P = {k : logit_p,k > −inf}, the same
+for Q, and the shared support S = supp P ∩ supp Q:
+
+    reference_mass_outside = P(supp P \ S) = Σ_{k ∉ supp Q} p_k   (forward is +inf iff > 0)
+    model_mass_outside     = Q(supp Q \ S) = Σ_{k ∉ supp P} q_k   (reverse is +inf iff > 0)
+    forward_shared = D(P̃‖Q̃),  reverse_shared = D(Q̃‖P̃),
+    with p̃_k = p_k / P(S), q̃_k = q_k / Q(S) for k ∈ S (renormalised on S).
+
+On rows without −inf logits they equal forward/reverse and 0; with S empty the
+shared KLs are ``+inf``. Only rows holding −inf logits pay for them. With
+``support=True`` the result is a :class:`CategoricalRows`, which adds
+``forward_shared``, ``reverse_shared``, ``reference_mass_outside`` and
+``model_mass_outside`` to the five per-row tensors.
+
+**``categorical_kl``.** The math runs in float32 (float64 for float64 input) whatever
+the input dtype, on chunks of rows so the extra memory is bounded by a chunk, not by
+rows × K: by default (:func:`chunk_rows_for`) a work buffer of at most
+``WORK_BUDGET_BYTES`` = 64 MiB, 2^16 elements per thread on CPU. A −inf logit is
+probability 0 and 0·log 0 = 0. A class with q = 0 < p makes the forward KL of that row
+``+inf`` (and p = 0 < q the reverse KL); such rows are counted in
+``support_violations`` — never NaN. The KLs on the shared support and the mass each
+side puts outside the other's support say how large the mismatch is (formulas above,
+under ``categorical_kl_rows``). In the result, the entropies ``entropy_reference``
+(H(P)) and ``entropy_model`` (H(Q)) stay per row; the support-mismatch figures
+``forward_shared``, ``reverse_shared``, ``reference_mass_outside`` and
+``model_mass_outside`` are reduced like ``forward``.
+
+``fused=True`` runs the same math in the ``torch.compile``-d kernel: faster per call
+once compiled, but the first call compiles (seconds to tens of seconds, see
+docs/performance.md); where compilation fails it falls back to eager, with one warning.
+
+``reduction="mean"`` with no row counted (all masked or dropped) raises ``ValueError``:
+the mean of zero rows is not a number this function computed, as in
+``CategoricalKL.compute()``.
+
+The support figures of the example in ``categorical_kl``'s docstring (the second row
+gives class 1 probability 0 under P, 0.5 under Q):
+
+    >>> lp = torch.tensor([[0.0, 0.0], [0.0, -float("inf")]])
+    >>> out = categorical_kl(lp, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), reduction="none")
+    >>> out.support_violations, out.model_mass_outside
+    (1, tensor([0.0000, 0.5000]))
+    >>> out.reverse_shared  # both restricted to class 0: identical there
+    tensor([0.1109, 0.0000])
 """
 
 from __future__ import annotations
@@ -62,8 +124,8 @@ class CategoricalKLResult:
         nonfinite: rows dropped because a logit was NaN or +inf, or all were −inf.
         reduction: the reduction applied.
         forward_shared: D(P̃‖Q̃) on the shared support, reduced like ``forward``: P and Q
-            restricted to S = supp P ∩ supp Q and renormalised there (see
-            :func:`categorical_kl_rows`). Equal to ``forward`` on rows without −inf
+            restricted to S = supp P ∩ supp Q and renormalised there (formulas in the
+            module docstring). Equal to ``forward`` on rows without −inf
             logits; finite unless S is empty (then ``+inf``).
         reverse_shared: D(Q̃‖P̃), reduced the same way.
         reference_mass_outside: P(supp P \\ supp Q), the reference's mass on classes the
@@ -87,7 +149,7 @@ class CategoricalKLResult:
 
 
 class CategoricalRows(NamedTuple):
-    """Per-row output of ``categorical_kl_rows(..., support=True)`` (see its docstring)."""
+    """Per-row output of ``categorical_kl_rows(..., support=True)`` (see the module docstring)."""
 
     forward: torch.Tensor
     reverse: torch.Tensor
@@ -293,6 +355,17 @@ def _redo_masked(p2, q2, idx, dtype, out, shared, outside) -> None:
     shared[:, idx] = torch.where(both.any(-1), o_s, _INF)
 
 
+def _no_rows(
+    lead: torch.Size, dtype: torch.dtype, dev: torch.device, support: bool
+) -> tuple[torch.Tensor, ...] | CategoricalRows:
+    """:func:`categorical_kl_rows` of zero rows: zeros of the leading shape, all valid."""
+    zero = torch.zeros(lead, dtype=dtype, device=dev)
+    res = (zero, zero.clone(), zero.clone(), zero.clone(),
+           torch.ones(lead, dtype=torch.bool, device=dev))
+    return CategoricalRows(*res, zero.clone(), zero.clone(), zero.clone(),
+                           zero.clone()) if support else res
+
+
 def categorical_kl_rows(
     logits_p: torch.Tensor,
     logits_q: torch.Tensor,
@@ -303,34 +376,12 @@ def categorical_kl_rows(
 ) -> tuple[torch.Tensor, ...] | CategoricalRows:
     r"""Per-row forward KL, reverse KL, H(P), H(Q) and a validity flag, chunked.
 
-    The validation-free kernel behind ``categorical_kl`` and the metrics.
-    Inputs ``(..., K)`` are flattened to rows; outputs have the leading shape and
-    a float32 (float64 for float64 input) dtype. Rows with NaN or +inf logits, or
-    all logits −inf on either side, are flagged invalid and get zeros.
+    The validation-free kernel behind ``categorical_kl`` and the metrics. With x, y the
+    logits of P, Q, xs = x − max x, ys = y − max y, ex = exp(xs), ey = exp(ys), d = xs − ys
+    and g = log1p(Σ(ex − ey) / Σey) (entropies, numerics, −inf logits and the support
+    figures: the ``kl_monitor.categorical`` module docstring), per row:
 
-    Per row, with x, y the logits of P, Q, xs = x − max x, ys = y − max y,
-    ex = exp(xs), ey = exp(ys) and d = xs − ys, everything follows from seven sums:
-
-        D(P‖Q) = Σex·d / Σex − g,   D(Q‖P) = g − Σey·d / Σey,
-        H(P) = log Σex − Σex·xs / Σex,   H(Q) = log Σey − Σey·ys / Σey,
-
-    where g = log(Σex / Σey) = log1p(Σ(ex − ey) / Σey). Taking g from the sum of the
-    differences, and d from the shifted logits, keeps small KLs (P ≈ Q) accurate: no
-    difference of two log-sum-exps. One exp per logit, plain sums (no matmul, so
-    TF32/bf16 matmul settings cannot touch the precision), in a preallocated buffer.
-    Rows holding −inf logits (probability 0) are recomputed with masking: 0·log 0 = 0,
-    and mass on a class the other side gives probability 0 makes that KL ``+inf``.
-
-    Support mismatch (``support=True``). With supp P = {k : logit_p,k > −inf}, the same
-    for Q, and the shared support S = supp P ∩ supp Q:
-
-        reference_mass_outside = P(supp P \ S) = Σ_{k ∉ supp Q} p_k   (forward is +inf iff > 0)
-        model_mass_outside     = Q(supp Q \ S) = Σ_{k ∉ supp P} q_k   (reverse is +inf iff > 0)
-        forward_shared = D(P̃‖Q̃),  reverse_shared = D(Q̃‖P̃),
-        with p̃_k = p_k / P(S), q̃_k = q_k / Q(S) for k ∈ S (renormalised on S).
-
-    On rows without −inf logits they equal forward/reverse and 0; with S empty the
-    shared KLs are ``+inf``. Only rows holding −inf logits pay for them.
+        D(P‖Q) = Σex·d / Σex − g,   D(Q‖P) = g − Σey·d / Σey.
 
     Args:
         logits_p: reference logits ``(..., K)``.
@@ -340,19 +391,18 @@ def categorical_kl_rows(
         support: also return the support-mismatch figures.
 
     Returns:
-        ``(forward, reverse, entropy_reference, entropy_model, valid)``, or with
-        ``support=True`` a :class:`CategoricalRows` that adds ``forward_shared``,
-        ``reverse_shared``, ``reference_mass_outside`` and ``model_mass_outside``.
+        ``(forward, reverse, entropy_reference, entropy_model, valid)`` of the leading
+        shape (0 on invalid rows), or with ``support=True`` a :class:`CategoricalRows`.
+
+    Examples:
+        >>> categorical_kl_rows(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]]))[0]
+        tensor([0.1201])
     """
     k, lead = logits_p.shape[-1], logits_p.shape[:-1]
     p2, q2 = logits_p.detach().reshape(-1, k), logits_q.detach().reshape(-1, k)
     rows, dtype, dev = p2.shape[0], compute_dtype(logits_p), logits_p.device
     if rows == 0:
-        zero = torch.zeros(lead, dtype=dtype, device=dev)
-        res = (zero, zero.clone(), zero.clone(), zero.clone(),
-               torch.ones(lead, dtype=torch.bool, device=dev))
-        return CategoricalRows(*res, zero.clone(), zero.clone(), zero.clone(),
-                               zero.clone()) if support else res
+        return _no_rows(lead, dtype, dev, support)
     workers = torch.get_num_threads() if dev.type == "cpu" and not fused else 1
     step = max(1, min(rows, chunk_rows or chunk_rows_for(k, dtype, dev, workers, fused)))
     sums = torch.empty(rows, 7, dtype=dtype, device=dev)
@@ -451,13 +501,8 @@ def categorical_kl(
 
         D(P‖Q) = Σ_k p_k (log p_k − log q_k),    D(Q‖P) = Σ_k q_k (log q_k − log p_k).
 
-    The math runs in float32 (float64 for float64 input) whatever the input dtype, on
-    chunks of rows so the extra memory is bounded by a chunk, not by rows × K. A −inf
-    logit is probability 0 and 0·log 0 = 0. A class with q = 0 < p makes the forward KL
-    of that row ``+inf`` (and p = 0 < q the reverse KL); such rows are counted in
-    ``support_violations`` — never NaN. The KLs on the shared support and the mass each
-    side puts outside the other's support say how large the mismatch is (formulas in
-    :func:`categorical_kl_rows`).
+    A class with mass on one side only makes that row's KL ``+inf`` (never NaN); dtype,
+    memory, ``fused`` and the support figures: the ``kl_monitor.categorical`` module docstring.
 
     Args:
         logits_p: reference logits, ``(..., K)``.
@@ -466,39 +511,24 @@ def categorical_kl(
         reduction: ``"mean"`` (per-token mean over unmasked rows), ``"sum"`` (per-sequence
             sum over the second-to-last axis, shape ``(...)`` without it) or ``"none"``
             (per row, 0 where masked).
-        nonfinite: rows with NaN or +inf logits are dropped with one warning
-            (``"skip"``) or rejected (``"raise"``).
-        chunk_rows: rows per chunk (default: :func:`chunk_rows_for`, a work buffer of
-            at most ``WORK_BUDGET_BYTES`` = 64 MiB, 2^16 elements per thread on CPU).
-        fused: use the ``torch.compile``-d kernel (falls back to eager, with one warning,
-            where compilation fails). Same math; faster per call once compiled, but the
-            first call compiles (seconds to tens of seconds, see docs/performance.md).
+        nonfinite: ``"skip"`` (drop rows with NaN/+inf logits, one warning) or ``"raise"``.
+        chunk_rows: rows per chunk (default: :func:`chunk_rows_for`).
+        fused: use the ``torch.compile``-d kernel (eager fallback, with one warning).
 
     Returns:
-        ``CategoricalKLResult`` with ``forward``, ``reverse``, per-row entropies
-        ``entropy_reference`` (H(P)) and ``entropy_model`` (H(Q)), the support-mismatch
-        figures ``forward_shared``, ``reverse_shared``, ``reference_mass_outside`` and
-        ``model_mass_outside`` (reduced like ``forward``), and counters.
+        ``CategoricalKLResult`` (``forward``, ``reverse``, entropies, support figures, counts).
 
     Raises:
         TypeError: non-floating logits, a non-bool mask, a non-bool ``fused``.
         ValueError: shape mismatch, empty input, bad mask shape, unknown reduction,
-            ``chunk_rows`` < 1; ``reduction="mean"`` with no row counted (all masked
-            or dropped): the mean of zero rows is not a number this function computed,
-            as in ``CategoricalKL.compute()``.
+            ``chunk_rows`` < 1, or ``reduction="mean"`` with no row counted.
 
     Examples:
-        >>> import torch
         >>> from kl_monitor import categorical_kl
         >>> lp = torch.tensor([[0.0, 0.0], [0.0, -float("inf")]])
-        >>> lq = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-        >>> out = categorical_kl(lp, lq, reduction="none")
-        >>> out.forward, out.reverse
-        (tensor([0.1201, 0.6931]), tensor([0.1109,    inf]))
-        >>> out.support_violations, out.model_mass_outside
-        (1, tensor([0.0000, 0.5000]))
-        >>> out.reverse_shared  # both restricted to class 0: identical there
-        tensor([0.1109, 0.0000])
+        >>> out = categorical_kl(lp, torch.tensor([[0.0, 1.0], [0.0, 0.0]]), reduction="none")
+        >>> out.forward, out.reverse, out.support_violations
+        (tensor([0.1201, 0.6931]), tensor([0.1109,    inf]), 1)
     """
     _check_args(logits_p, logits_q, mask, reduction, nonfinite, chunk_rows, fused)
     rows = categorical_kl_rows(logits_p, logits_q, chunk_rows=chunk_rows, fused=fused,
@@ -514,7 +544,14 @@ def categorical_kl(
             f"rows dropped, rows where `mask` is False are not counted); the mean of zero "
             "rows is undefined. Use reduction='none' or 'sum' to get per-row zeros."
         )
-    zero = torch.zeros((), dtype=rows.forward.dtype, device=valid.device)
+    return _reduced_result(rows, keep, n, n_bad, reduction)
+
+
+def _reduced_result(
+    rows: CategoricalRows, keep: torch.Tensor, n: int, n_bad: int, reduction: str
+) -> CategoricalKLResult:
+    """:func:`categorical_kl`'s result: the ``keep`` rows of ``rows`` (others 0), reduced."""
+    zero = torch.zeros((), dtype=rows.forward.dtype, device=keep.device)
     fwd, rev, hp, hq, _, *extra = (torch.where(keep, t, zero) for t in rows)
     violations = int((keep & (torch.isinf(fwd) | torch.isinf(rev))).sum())
     if reduction == "mean":

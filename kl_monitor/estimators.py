@@ -7,6 +7,26 @@
 - ``categorical_kl``: exact D(P‖Q) and D(Q‖P) between categorical
   distributions given by logits, in one chunked pass (kernel in
   ``kl_monitor.categorical``, re-exported here).
+
+**``mc_kl``: the control variate (``method="cv"``).** The per-sample term is naive
+minus λ·c·mean(w − 1), with c = Cov(ℓ, w)/Var(w) (ℓ = log a − log b, w = b/a). Mind the
+sign: the good fixed choice is c = −1 (k3); c = +1 doubles the noise. Both c and the
+weight λ ∈ [0, 1] are fitted on the other half of the samples (two hash-assigned
+folds), so the estimate stays unbiased. λ is 1 only when the control variate's variance
+reduction is large and its interval can be trusted: the weights' tail index k̂
+confidently below 0.3, the skewness of ℓ and of the residual small for this n, mean(w)
+close to its known value 1. It falls smoothly to 0 otherwise, the estimate is then
+naive's, and in between the standard error is that of the naive/control-variate
+mixture, so a doubtful decision widens the interval instead of trusting either side.
+``.cv_weight`` is the mean λ and ``.method_used`` is ``"naive"`` when it is 0. With a
+fixed ``c=`` it is the plain ℓ − c·(w − 1) (no folds, no weighting).
+
+**``mc_kl``: what the interval guarantees.** For the default, value ± 1.96·stderr
+covers the true D(A‖B) at least about as often as the naive interval on the same
+samples (measured 0.93–0.97 at n ≥ 256 wherever naive's does,
+``benchmarks/validation.py``); it can fall short only where ℓ itself has tails a sample
+of n does not yet show, as naive's does, and k3 or a fixed ``c`` carry no such
+guarantee.
 """
 
 from __future__ import annotations
@@ -39,24 +59,10 @@ def mc_kl(
     - ``"naive"`` (k1): ℓ. Unbiased, noisy when the KL is small.
     - ``"k3"``: ℓ + (w − 1) ≥ 0. Excellent near A ≈ B; much worse than naive at
       large KL or when w is heavy-tailed.
-    - ``"cv"`` (default): naive minus λ·c·mean(w − 1), with c = Cov(ℓ, w)/Var(w).
-      Mind the sign: the good fixed choice is c = −1 (k3); c = +1 doubles the noise.
-      Both c and the weight λ ∈ [0, 1] are fitted on the other half of the samples
-      (two hash-assigned folds), so the estimate stays unbiased. λ is 1 only when the
-      control variate's variance reduction is large and its interval can be trusted:
-      the weights' tail index k̂ confidently below 0.3, the skewness of ℓ and of the
-      residual small for this n, mean(w) close to its known value 1. It falls smoothly
-      to 0 otherwise, the estimate is then naive's, and in between the standard error
-      is that of the naive/control-variate mixture, so a doubtful decision widens the
-      interval instead of trusting either side. ``.cv_weight`` is the mean λ and
-      ``.method_used`` is ``"naive"`` when it is 0. With a fixed ``c=`` it is the plain
-      ℓ − c·(w − 1) (no folds, no weighting).
-
-    What the interval guarantees: for the default, value ± 1.96·stderr covers the true
-    D(A‖B) at least about as often as the naive interval on the same samples (measured
-    0.93–0.97 at n ≥ 256 wherever naive's does, ``benchmarks/validation.py``); it can
-    fall short only where ℓ itself has tails a sample of n does not yet show, as naive's
-    does, and k3 or a fixed ``c`` carry no such guarantee.
+    - ``"cv"`` (default): naive minus λ·c·mean(w − 1), with c = Cov(ℓ, w)/Var(w) and a
+      weight λ ∈ [0, 1], both fitted on the other of two folds (unbiased); with a fixed
+      ``c=``, ℓ − c·(w − 1). How λ is chosen and what the interval guarantees: the
+      ``kl_monitor.estimators`` module docstring.
 
     Forward KL D(P‖Q) is ``mc_kl(log_p, log_q)`` on samples of P; reverse KL D(Q‖P)
     is ``mc_kl(log_q, log_p)`` on samples of Q.

@@ -12,6 +12,19 @@ The pattern, for any autoregressive model:
 
 ``sample_continuations`` does 2 for any step function; ``hf_generation_inputs`` does
 2–4 for a Hugging Face ``transformers`` causal LM (with its KV cache).
+
+**``hf_generation_inputs``.** It samples continuations of the (left-padded) prompts
+from ``model`` with ``generator`` and its KV cache, ``max_batch`` prompts at a time,
+keeping the transformed logits each token was drawn from; runs ``reference`` once on
+each generated batch; returns the two sets of logits ``(B, T, K)`` at the generated
+positions, masked to the generated part (up to and including ``eos_token_id``). Both
+models run in eval mode without gradients, and their training flags are restored. The
+global RNG is never touched.
+
+With ``transform`` (temperature, top-k, top-p) the KL is that of the model's *sampling*
+distribution; ``reference_transform`` (default: none) is applied to the reference's
+logits, e.g. ``SamplingTransform(temperature=T)`` to compare at the same temperature
+as TRL and verl do.
 """
 
 from __future__ import annotations
@@ -270,17 +283,8 @@ def hf_generation_inputs(
 ) -> KLInputs:
     """``KLInputs`` on a ``transformers`` causal LM's own generations (``sampled_from="model"``).
 
-    Samples continuations of the (left-padded) prompts from ``model`` with ``generator``
-    and its KV cache, ``max_batch`` prompts at a time, keeping the transformed logits each
-    token was drawn from; runs ``reference`` once on each generated batch; returns the
-    two sets of logits at the generated positions, masked to the generated part (up to
-    and including ``eos_token_id``). Both models run in eval mode without gradients, and
-    their training flags are restored. The global RNG is never touched.
-
-    With ``transform`` (temperature, top-k, top-p) the KL is that of the model's *sampling*
-    distribution; ``reference_transform`` (default: none) is applied to the reference's
-    logits, e.g. ``SamplingTransform(temperature=T)`` to compare at the same temperature
-    as TRL and verl do.
+    Samples continuations of the prompts from ``model``, scores them with ``reference`` and
+    keeps both logits ``(B, T, K)`` on the generated part (more: ``kl_monitor.generation``).
 
     Args:
         model: the policy (``transformers`` ``PreTrainedModel`` with an LM head).
@@ -297,8 +301,7 @@ def hf_generation_inputs(
         pad_token_id: id written after the end (default: ``eos_token_id`` or 0).
 
     Returns:
-        ``KLInputs.from_logits(reference, model, mask, groups, sampled_from="model")``
-        with logits ``(B, T, K)``.
+        ``KLInputs.from_logits(reference, model, mask, groups, sampled_from="model")``.
     """
     _check_generation_args(input_ids, max_new_tokens, generator)
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:

@@ -4,6 +4,26 @@ For generators without a density (GANs, diffusion samplers, implicit models), fo
 and reverse KL follow from distances alone (Wang, Kulkarni & Verdú 2009). Distances
 are computed in chunks of query rows (one matrix product + ``topk``) on the samples'
 device, so the extra memory is one chunk, not n × m.
+
+**``knn_kl``.** The estimate is consistent as n, m → ∞ for fixed k; the bias at finite
+n grows with d (use low-dimensional features: see docs/generators.md). Larger k: less
+variance, more bias. Standard errors are two-sample delete-one jackknife estimates,
+exact from the (k+1)-th neighbours, so they account for the dependence between per-row
+terms.
+
+Distances are Euclidean, computed in chunks of rows on the samples' device (extra
+memory: one chunk of about 2^22 distances on CPU), in float32 (float64 for float64
+input), after centring both sets on the reference mean. Estimates are invariant to a
+common translation, a common scaling and the order of the samples.
+
+A row with a k-th neighbour at distance 0 (k exact duplicates) would give log 0: it is
+left out of the mean and counted in ``ties``. Rows with NaN/±inf are dropped
+(``nonfinite="skip"``, one warning, counted) or rejected (``"raise"``). The per-row
+terms of the result give per-group contributions (``group_means``).
+
+``knn_kl`` raises ``TypeError`` for non-tensor or non-floating input, and
+``ValueError`` for samples not ``(n, d)``, different d, fewer than k + 2 finite samples
+on a side, a bad ``k``/``nonfinite``/``chunk_rows``, or every row tied.
 """
 
 from __future__ import annotations
@@ -229,25 +249,12 @@ def knn_kl(
 ) -> KNNKLResult:
     r"""Forward and reverse KL from samples alone, by k nearest neighbours.
 
-    With x_1..x_n ~ P (reference) and y_1..y_m ~ Q (model) in d dimensions, ρ_k(i) the
-    distance from x_i to its k-th nearest neighbour among the other x's and ν_k(i) to
-    its k-th nearest y (Wang, Kulkarni & Verdú 2009):
+    With x_1..x_n ~ P and y_1..y_m ~ Q in d dimensions, ρ_k(i) the distance from x_i to its
+    k-th nearest other x and ν_k(i) to its k-th nearest y (Wang, Kulkarni & Verdú 2009):
 
-        D̂(P‖Q) = (d/n) Σ_i log(ν_k(i)/ρ_k(i)) + log(m/(n−1)),
+        D̂(P‖Q) = (d/n) Σ_i log(ν_k(i)/ρ_k(i)) + log(m/(n−1)),  D̂(Q‖P) with roles swapped.
 
-    and D̂(Q‖P) by swapping the roles. Consistent as n, m → ∞ for fixed k; the bias at
-    finite n grows with d (use low-dimensional features: see docs/generators.md).
-    Standard errors are two-sample delete-one jackknife estimates, exact from the
-    (k+1)-th neighbours, so they account for the dependence between per-row terms.
-
-    Distances are Euclidean, computed in chunks of rows on the samples' device (extra
-    memory: one chunk of about 2^22 distances on CPU), in float32 (float64 for float64
-    input), after centring both sets on the reference mean. Estimates are invariant
-    to a common translation, a common scaling and the order of the samples.
-
-    A row with a k-th neighbour at distance 0 (k exact duplicates) would give log 0:
-    it is left out of the mean and counted in ``ties``. Rows with NaN/±inf are
-    dropped (``nonfinite="skip"``, one warning, counted) or rejected (``"raise"``).
+    Bias, jackknife stderr, distances, ties, errors: the ``kl_monitor.knn`` module docstring.
 
     Args:
         reference_samples: ``(n, d)`` samples (or features) of the reference P.
@@ -258,13 +265,7 @@ def knn_kl(
         dtype: distance precision (default float32, float64 for float64 input).
 
     Returns:
-        ``KNNKLResult`` with ``forward``, ``reverse``, their stderr, n, m, d, k, the
-        per-row terms (for per-group contributions) and counters.
-
-    Raises:
-        TypeError: non-tensor or non-floating input.
-        ValueError: not ``(n, d)``, different d, fewer than k + 2 finite samples on a
-            side, a bad ``k``/``nonfinite``/``chunk_rows``, or every row tied.
+        ``KNNKLResult``: both directions, their stderr, n, m, d, k, per-row terms, counters.
 
     Examples:
         >>> import torch
@@ -276,13 +277,8 @@ def knn_kl(
         >>> abs(out.forward - 0.5) < 3 * out.forward_stderr, (out.n, out.m, out.d, out.k)
         (True, (2000, 2000, 2, 5))
     """
-    x, y, keep_x, keep_y = _validated(
-        reference_samples, model_samples, k, nonfinite, chunk_rows
-    )
-    dtype = dtype or compute_dtype(x)
-    centre = x.detach()[keep_x].to(torch.float64).mean(0)
-    xs = (x.detach()[keep_x].to(torch.float64) - centre).to(dtype)
-    ys = (y.detach()[keep_y].to(torch.float64) - centre).to(dtype)
+    x, y, keep_x, keep_y = _validated(reference_samples, model_samples, k, nonfinite, chunk_rows)
+    xs, ys = _centred(x, y, keep_x, keep_y, dtype or compute_dtype(x))
     n, m, d = xs.shape[0], ys.shape[0], xs.shape[1]
     xx = _neighbours(xs, xs, k + 1, True, chunk_rows)
     xy = _neighbours(xs, ys, k + 1, False, chunk_rows)
@@ -302,6 +298,17 @@ def knn_kl(
         ties=ties,
         nonfinite=int(x.shape[0] - n + y.shape[0] - m),
     )
+
+
+def _centred(
+    x: torch.Tensor, y: torch.Tensor, keep_x: torch.Tensor, keep_y: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept rows of both sets minus the reference mean (taken in float64), as ``dtype``."""
+    centre = x.detach()[keep_x].to(torch.float64).mean(0)
+    xs = (x.detach()[keep_x].to(torch.float64) - centre).to(dtype)
+    ys = (y.detach()[keep_y].to(torch.float64) - centre).to(dtype)
+    return xs, ys
 
 
 def _both_directions(

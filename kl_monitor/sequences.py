@@ -11,6 +11,20 @@ prefixes drawn from Q is therefore an unbiased estimate of the sequence-level re
 On prefixes drawn from the reference P, Σ_t KL(P_t‖Q_t) estimates the forward KL D(P‖Q).
 The other direction summed along the same prefixes is a teacher-forced diagnostic, not a
 sequence-level KL; ``sequence_kl`` returns it under a name that says so.
+
+**``sequence_kl``.** Per sequence i, S_i = Σ_t KL(A_t ‖ B_t) (A the distribution the
+rows were sampled from, B the other) is summed exactly over the vocabulary at each
+counted position. E[S_i] is the sequence-level D(A‖B), so the mean over sequences is
+unbiased with standard error sd(S)/√n: on model generations (``sampled_from="model"``)
+it estimates D(Q‖P), on reference sequences D(P‖Q). Each term is the conditional
+expectation of the sampled per-token log-ratio (k1) given its prefix, which removes the
+token's own sampling noise; it usually has a much smaller variance than Σ_t k1_t, but
+not always (when log Q(y)/P(y) is nearly constant, as for a Q that is P restricted to a
+subset, Σ_t k1_t can have the smaller one: see docs/language_models.md).
+
+``sequence_kl`` raises ``TypeError`` for non-floating logits or a non-bool mask, and
+``ValueError`` for shapes other than ``(B, T, K)``/``(B, T)``, a bad ``sampled_from``,
+or no counted position.
 """
 
 from __future__ import annotations
@@ -198,32 +212,19 @@ def sequence_kl(
 
         S_i = Σ_t KL(A_t ‖ B_t)      (A = the sampling distribution, B = the other),
 
-    summed exactly over the vocabulary at each counted position. E[S_i] is the
-    sequence-level D(A‖B), so the mean over sequences is unbiased with standard error
-    sd(S)/√n: on model generations (``sampled_from="model"``) it estimates D(Q‖P), on
-    reference sequences D(P‖Q). Each term is the conditional expectation of the sampled
-    per-token log-ratio (k1) given its prefix, which removes the token's own sampling
-    noise; it usually has a much smaller variance than Σ_t k1_t, but not always (when
-    log Q(y)/P(y) is nearly constant, as for a Q that is P restricted to a subset, Σ_t k1_t
-    can have the smaller one: see docs/language_models.md).
+    exact over the vocabulary; the mean over sequences is an unbiased estimate of D(A‖B)
+    (why, and its variance against Σ_t k1_t: the ``kl_monitor.sequences`` module docstring).
 
     Args:
         reference_logits: ``(B, T, K)`` logits of P at each position.
         model_logits: ``(B, T, K)`` logits of Q (after any sampling transform, when the
             model sampled the rows: see ``SamplingTransform``).
-        mask: optional bool ``(B, T)``; False positions (prompt, padding, after EOS)
-            are not counted.
+        mask: optional bool ``(B, T)``; False positions (prompt, padding, after EOS) uncounted.
         sampled_from: ``"model"`` (default) or ``"reference"``.
-        nonfinite: rows with NaN/+inf logits are dropped with one warning (``"skip"``) or
-            rejected (``"raise"``).
+        nonfinite: ``"skip"`` (drop rows with NaN/+inf logits, one warning) or ``"raise"``.
 
     Returns:
         A ``SequenceKLEstimate``.
-
-    Raises:
-        TypeError: non-floating logits or non-bool mask.
-        ValueError: shapes other than ``(B, T, K)``/``(B, T)``, bad ``sampled_from``, or
-            no counted position.
 
     Examples:
         >>> q = torch.zeros(2, 3, 4)             # model: uniform over 4 tokens
@@ -236,14 +237,7 @@ def sequence_kl(
     """
     direction = valid_direction(sampled_from)
     check_nonfinite_mode(nonfinite)
-    check_floating("reference_logits", reference_logits)
-    check_floating("model_logits", model_logits)
-    check_same_shape("reference_logits", reference_logits, "model_logits", model_logits)
-    if reference_logits.dim() != 3:
-        raise ValueError(
-            "sequence logits must have shape (batch, seq, K), "
-            f"got {tuple(reference_logits.shape)}."
-        )
+    _check_sequence_logits(reference_logits, model_logits)
     counted = _check_mask(mask, reference_logits.shape[:2], reference_logits.device)
     fwd, rev, _, _, valid = categorical_kl_rows(reference_logits, model_logits)
     keep, _ = kept_rows(valid, counted, nonfinite)
@@ -258,18 +252,22 @@ def sequence_kl(
     value, se = _mean_se(main[has])
     tok, tok_se = _ratio_se(main[has], lengths[has])
     return SequenceKLEstimate(
-        sampled_from=sampled_from,
-        direction=direction,
-        value=value,
-        stderr=se,
-        token_mean=tok,
-        token_mean_stderr=tok_se,
-        n_sequences=int(has.sum()),
-        n_tokens=int(lengths.sum()),
-        per_sequence=main,
-        teacher_forced=other,
-        lengths=lengths,
+        sampled_from=sampled_from, direction=direction, value=value, stderr=se,
+        token_mean=tok, token_mean_stderr=tok_se, n_sequences=int(has.sum()),
+        n_tokens=int(lengths.sum()), per_sequence=main, teacher_forced=other, lengths=lengths,
     )
+
+
+def _check_sequence_logits(reference_logits: torch.Tensor, model_logits: torch.Tensor) -> None:
+    """The logits checks of :func:`sequence_kl`: floating, one shape, ``(B, T, K)``."""
+    check_floating("reference_logits", reference_logits)
+    check_floating("model_logits", model_logits)
+    check_same_shape("reference_logits", reference_logits, "model_logits", model_logits)
+    if reference_logits.dim() != 3:
+        raise ValueError(
+            "sequence logits must have shape (batch, seq, K), "
+            f"got {tuple(reference_logits.shape)}."
+        )
 
 
 def _check_mask(
