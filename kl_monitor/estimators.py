@@ -91,10 +91,10 @@ def mc_kl(
         >>> from kl_monitor import mc_kl
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
-        >>> p, q = torch.distributions.Normal(0., 1.), torch.distributions.Normal(1., 1.)
+        >>> p, q = torch.distributions.Normal(0., 1.), torch.distributions.Normal(.3, 1.)
         >>> x = p.sample((10_000,))
-        >>> est = mc_kl(p.log_prob(x), q.log_prob(x))  # true D(P‖Q) = 0.5
-        >>> abs(est.value - 0.5) < 3 * est.stderr, est.variance_reduction > 1.5
+        >>> est = mc_kl(p.log_prob(x), q.log_prob(x))  # true D(P‖Q) = 0.045
+        >>> abs(est.value - 0.045) < 3 * est.stderr, est.variance_reduction > 1.5
         (True, True)
     """
     sums, top, counts = KLStats.batch_tensors(log_a, log_b, nonfinite)

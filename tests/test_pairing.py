@@ -167,3 +167,26 @@ def test_monitor_with_the_paired_engine_names_the_dropped_modes():
     assert "pairing" in monitor.state_dict()
     healthy = _scripted(onset=None, seed=1, rules=AlertThresholds())
     assert healthy.alerts == [], [a.message for a in healthy.alerts]
+
+
+def test_model_sample_baselines_stay_bounded_over_many_rebases():
+    """One model-sample baseline per group baseline evaluation still in use: at most
+    groups + 1 evaluations are kept, however many evaluations and rebases there are."""
+    rng = np.random.default_rng(3)
+    g = 6
+    lab, lp, rlab0 = _sampled(rng, g)
+    pr = PairedRows()
+    for t in range(200):
+        r = rng.normal(0.0, 0.2, rlab0.size)
+        pr.start()
+        pr.add(KLInputs.from_log_probs(
+            torch.tensor(lp), torch.tensor(lp - rng.normal(0.1, 0.3, lp.size)),
+            groups=torch.tensor(lab), model_samples_log_q=torch.tensor(r),
+            model_samples_log_p=torch.zeros(rlab0.size, dtype=torch.float64),
+            model_samples_groups=torch.tensor(rlab0)))  # fmt: skip
+        ev = pr.evidence(t, g)
+        groups = tuple(int(k) for k in rng.choice(g, size=int(rng.integers(0, 3)), replace=False))
+        pr.rebase(Decision([], bool(rng.random() < 0.3), assess(ev), groups))
+        assert len(pr._pool) <= g + 1, (t, len(pr._pool))
+    tensors = [v for d in pr._pool.values() for v in d.values() if v is not None]
+    assert len(tensors) <= 2 * (g + 1)

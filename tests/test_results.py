@@ -125,8 +125,13 @@ def test_logged_tags_are_the_result_without_per_group_detail():
         "kl/forward/group_0", "kl/reverse/group_0", "kl/mass/group_0",
         "kl/forward/group_1", "kl/reverse/group_1", "kl/mass/group_1",
         "kl/forward_lower", "kl/forward_upper", "kl/reverse_lower", "kl/reverse_upper",
+        "kl/forward_contribution/group_0", "kl/forward_contribution/group_1",
     ]  # fmt: skip
     assert tags["kl/mass/group_1"] == out.group_forward[1].mass
+    # each group's part of the forward KL: its share of the rows times its KL
+    parts = [tags[f"kl/forward_contribution/group_{g}"] for g in (0, 1)]
+    assert parts == pytest.approx([out.group_forward[g].mass * out.group_forward[g].value
+                                   for g in (0, 1)])  # fmt: skip
     assert tags["kl/forward_upper"] == out.forward.value + 2 * out.forward.stderr
 
 
