@@ -245,22 +245,23 @@ def _soak(kind: str, evals: int, warmup: int, sample_every: int) -> SoakResult:
 def table(results: list[SoakResult]) -> str:
     lines = [
         "| input | evaluations | RSS (MiB) | drift | live tensors | drift | CPU ms/eval | drift"
-        " | wall ms/eval | drift | failures | alerts | run (s) | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | CPU trend | wall ms/eval | drift | failures | alerts | run (s) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.kind} | {r.evals:,} | {r.rss_first:.1f} → {r.rss_last:.1f} | "
             f"{r.rss_drift:+.2%} | {r.tensors_first:.0f} → {r.tensors_last:.0f} | "
             f"{r.tensor_drift:+.2%} | {r.cpu_ms_first:.2f} → {r.cpu_ms_last:.2f} | "
-            f"{r.cpu_drift:+.1%} | {r.ms_first:.2f} → {r.ms_last:.2f} | "
+            f"{r.cpu_drift:+.1%} | {r.cpu_trend:+.1%} | {r.ms_first:.2f} → {r.ms_last:.2f} | "
             f"{r.time_drift:+.1%} | {r.failures} | {r.alerts} | {r.seconds:.0f} | "
             f"{r.load_before[0]:.1f} → {r.load_after[0]:.1f} |"
         )
     lines.append("")
     lines.append(
         "first → last: mean (RSS, tensors) or median (times) over the first and the last 10% "
-        "of the measured evaluations; drift = last / first − 1."
+        "of the measured evaluations; drift = last / first − 1. CPU trend: growth over the "
+        "whole run by a Theil–Sen line fit (what tests/test_soak.py bounds)."
     )
     return "\n".join(lines)
 
