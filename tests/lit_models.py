@@ -6,6 +6,7 @@ import importlib
 import math
 from collections.abc import Callable
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -142,3 +143,18 @@ def student_module(
             return KLInputs.from_logits(self.teacher(x), self(x))
 
     return Student()
+
+
+class FrozenLinear(pl.LightningModule):
+    """A linear layer that never learns (zero loss, lr = 0): the model a test scripts
+    through ``kl_inputs`` stays exactly where the test puts it."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, classes)
+
+    def training_step(self, batch, batch_idx):
+        return self.lin(batch[0]).sum() * 0.0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)

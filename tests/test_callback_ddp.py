@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("_ddp_callback_script.py")
 
 
@@ -24,14 +26,22 @@ def _logged(path: Path) -> dict[tuple[int, str], float]:
     return out
 
 
-def test_ddp_logged_values_equal_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """The script once as a single process and once under 2-process DDP."""
+    out = tmp_path_factory.mktemp("ddp_callback")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     for mode in ("single", "ddp"):
         proc = subprocess.run(
-            [sys.executable, str(SCRIPT), mode, str(tmp_path)],
-            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+            [sys.executable, str(SCRIPT), mode, str(out)],
+            capture_output=True, text=True, timeout=240, env=env, cwd=out,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_ddp_logged_values_equal_single_process(launched):
+    tmp_path = launched
     single = _logged(tmp_path / "single" / "metrics.csv")
     ddp = _logged(tmp_path / "ddp" / "metrics.csv")
     keys = {k for k in single if not k[1].endswith("failures")}
@@ -52,16 +62,10 @@ def test_ddp_logged_values_equal_single_process(tmp_path):
     assert worst < 1e-6, worst
 
 
-def test_ddp_alerts_equal_single_process(tmp_path):
+def test_ddp_alerts_equal_single_process(launched):
     """The alert engine's paired evidence is reduced across ranks: every rank raises
     the alerts a single process raises, with the same numbers in the message."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for mode in ("single", "ddp"):
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), mode, str(tmp_path)],
-            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    tmp_path = launched
     single = json.loads((tmp_path / "single_alerts_rank0.json").read_text())
     for prefix in ("kl_logits", "kl_samples"):
         assert single[prefix], single  # the scripted fault at step 3 is caught

@@ -8,6 +8,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from lit_models import FrozenLinear
 from torch.utils.data import DataLoader, TensorDataset
 
 from kl_monitor import KLInputs, KLMonitor
@@ -17,16 +18,9 @@ GROUPS = 50
 BAD = (7, 31, 44)  # the groups where the student is far from the teacher
 
 
-class FiftyGroups(pl.LightningModule):
+class FiftyGroups(FrozenLinear):
     def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(3, 6)
-
-    def training_step(self, batch, batch_idx):
-        return self.lin(batch[0]).sum() * 0.0
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+        super().__init__(6)
 
     def kl_inputs(self, batch):
         x, g = batch

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lit_models import FrozenLinear
 from torch.utils.data import DataLoader, TensorDataset
 
 from kl_monitor import KLInputs, KLMonitor, KLMonitorWarning
@@ -19,19 +20,12 @@ from kl_monitor import KLInputs, KLMonitor, KLMonitorWarning
 SCRIPT = Path(__file__).with_name("_ddp_infer_script.py")
 
 
-class Labelled(pl.LightningModule):
+class Labelled(FrozenLinear):
     """Logits with group labels 0..3; from step `shift_at`, labels 3..6 (a new label)."""
 
     def __init__(self, shift_at: int | None = None) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(3, 5)
+        super().__init__(5)
         self.shift_at = shift_at
-
-    def training_step(self, batch, batch_idx):
-        return self.lin(batch[0]).sum() * 0.0
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
 
     def kl_inputs(self, batch):
         x, g = batch
