@@ -658,6 +658,9 @@ class CategoricalKL(_KLMetric):
                 f"shape (batch, seq, K), got {tuple(logits_p.shape)}."
             )
         out = categorical_kl_rows(logits_p, logits_q, support=True)
+        # the batch's per-row values, for the alert engine's pairing (no second pass
+        # over the logits); keyed by the logits' storage, so a different batch misses
+        self.last_rows = ((logits_p.data_ptr(), tuple(logits_p.shape)), out)
         valid = out.valid
         counted = torch.ones_like(valid) if mask is None else mask.to(valid.device)
         labels = self._labels(groups, lead, counted)
