@@ -255,9 +255,12 @@ HOT = (
     ("      _group_batches (split by group)", "kl_monitor/metrics.py", "_group_batches"),
     ("      _add_sample_batch (state adds)", "kl_monitor/metrics.py", "_add_sample_batch"),
     ("    _metric_for (metric.to(device))", "kl_monitor/evaluator.py", "_metric_for"),
+    ("    PairedRows.add (per-row values kept)", "kl_monitor/pairing.py", "add"),
     ("  _finish (compute, rules, log)", "kl_monitor/callback.py", "_finish"),
     ("    SampledKL.compute", "kl_monitor/metrics.py", "compute"),
     ("    AlertRules.update", "kl_monitor/detectors.py", "update"),
+    ("    PairedRows.evidence (paired sums)", "kl_monitor/pairing.py", "evidence"),
+    ("    AlertEngine.update", "kl_monitor/alerting.py", "update"),
     ("    tensorboard.write_extras", "kl_monitor/tensorboard.py", "write_extras"),
     ("    TensorBoardLogger.log_metrics", "loggers/tensorboard.py", "log_metrics"),
 )
