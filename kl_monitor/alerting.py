@@ -453,6 +453,33 @@ def _rises_without_mass_part(
     return f_rise, f_se, r_rise, r_se
 
 
+def _group_need(c: Change | None, th: AlertThresholds) -> float:
+    """The smallest rise of a group's contribution: max(group_nats, relative × baseline)."""
+    return max(th.group_nats, th.relative * max(c.baseline, 0.0)) if c is not None else 0.0
+
+
+def _mass_findings(
+    ratio: float | None, m: Change | None, f: Change | None, p: float | None,
+    th: AlertThresholds, z_star: float,
+) -> tuple[bool, bool, float]:  # fmt: skip
+    """(mass lost, a quarter of the loss at half the bar, forward rise the loss explains).
+
+    A loss counts when the mass ratio is at or below ``mass_loss`` and either the mass
+    fell significantly or the group's forward contribution rose significantly.
+    """
+    half = 0.5 * z_star
+
+    def significant(bar: float) -> bool:
+        return (m is not None and -m.z >= bar) or (f is not None and f.z >= bar)
+
+    mass = ratio is not None and ratio <= th.mass_loss and significant(z_star)
+    weak = ratio is not None and ratio <= 1 - 0.25 * (1 - th.mass_loss) and significant(half)
+    rise = 0.0
+    if ratio is not None and 0 < ratio < 1 and m is not None and -m.z >= half and p:
+        rise = p * math.log(1.0 / max(ratio, 1e-12))
+    return mass, weak, rise
+
+
 def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> GroupFinding:
     f, r = ev.group_forward.get(g), ev.group_reverse.get(g)
     m, h = ev.group_mass.get(g), ev.group_entropy.get(g)
@@ -463,8 +490,7 @@ def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> 
     f_rise, f_se, r_rise, r_se = _rises_without_mass_part(f, r, m, p, ev.reference_rows)
     f_z = _z(f_rise, f_se, f.df if f is not None else math.inf)
     r_z = _z(r_rise, r_se, r.df if r is not None else math.inf)
-    f_need = max(th.group_nats, th.relative * max(f.baseline, 0.0)) if f is not None else 0.0
-    r_need = max(th.group_nats, th.relative * max(r.baseline, 0.0)) if r is not None else 0.0
+    f_need, r_need = _group_need(f, th), _group_need(r, th)
     # A mode the model had already dropped at the baseline (mass below mass_loss ×
     # its share) cannot be dropped again: its forward contribution is log(p/q) of a
     # mass too small for the model samples to measure, not a new coverage gap.
@@ -472,11 +498,6 @@ def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> 
     fwd = (f is not None and not dropped and math.isfinite(f.baseline)
            and f_z >= z_star and f_rise >= f_need)
     rev = r is not None and math.isfinite(r.baseline) and r_z >= z_star and r_rise >= r_need
-    mass = (
-        ratio is not None
-        and ratio <= th.mass_loss
-        and ((m is not None and -m.z >= z_star) or (f is not None and f.z >= z_star))
-    )
     # Entropy says which kind a rise is, never that there is one: while training
     # converges, a group's entropy moves by far more than any KL threshold.
     drop = -h.rise if h is not None and math.isfinite(h.rise) else 0.0
@@ -485,9 +506,7 @@ def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> 
     flat = kl_moved and h is not None and -drop >= th.entropy_nats and h.z >= 0.5 * z_star
     zs = [abs(c.z) for c in (f, r, m, h) if c is not None and not math.isnan(c.z)]
     half = 0.5 * z_star
-    mass_rise = 0.0
-    if ratio is not None and 0 < ratio < 1 and m is not None and -m.z >= half and p:
-        mass_rise = p * math.log(1.0 / max(ratio, 1e-12))
+    mass, weak_mass, mass_rise = _mass_findings(ratio, m, f, p, th, z_star)
     return GroupFinding(
         group=g,
         forward_rise=f_rise,
@@ -514,9 +533,7 @@ def _group_finding(g: int, ev: Evidence, th: AlertThresholds, z_star: float) -> 
         and not support,
         mass_rise=mass_rise,
         dropping_rise=_dropping_rise(f, m, p, th, z_star),
-        weak_mass=ratio is not None
-        and ratio <= 1 - 0.25 * (1 - th.mass_loss)
-        and ((m is not None and -m.z >= half) or (f is not None and f.z >= half)),
+        weak_mass=weak_mass,
     )
 
 
